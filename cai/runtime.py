@@ -1,0 +1,78 @@
+"""The one place that decides device, precision, gradient checkpointing and threads.
+
+Why it exists: TRL configs default to bf16 and gradient checkpointing. On a GPU that is right;
+on a CPU it made an SFT step 15x slower (23.6 s vs 1.4 s per step on SmolLM2, LoRA r=8).
+Thread count matters on a shared machine, so it is a setting rather than torch's guess.
+Every trainer and engine asks this module instead of deciding for itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Device = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """`device: auto` picks CUDA when present. `threads: 0` means all cores."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0 means all cores)")
+
+
+def resolve_device(requested: str = "auto") -> Device:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from cai.errors import CaiError
+
+        raise CaiError("device 'cuda' was requested but no CUDA GPU is visible", field="runtime.device")
+    return requested  # type: ignore[return-value]
+
+
+def resolve_threads(threads: int = 0) -> int:
+    return threads if threads > 0 else (os.cpu_count() or 1)
+
+
+def apply(settings: RuntimeSettings) -> Device:
+    """Set torch's thread count and return the device to use."""
+    device = resolve_device(settings.device)
+    if device == "cpu":
+        torch.set_num_threads(resolve_threads(settings.threads))
+    return device
+
+
+def training_overrides(device: Device) -> dict:
+    """Keyword arguments for any `transformers.TrainingArguments` subclass (all TRL configs)."""
+    if device == "cpu":
+        return {
+            "bf16": False,
+            "fp16": False,
+            "gradient_checkpointing": False,
+            "use_cpu": True,
+            "dataloader_pin_memory": False,
+        }
+    bf16 = torch.cuda.is_bf16_supported()
+    return {
+        "bf16": bf16,
+        "fp16": not bf16,
+        # On a GPU memory, not time, is the constraint for a 7B policy on 24 GB.
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    }
+
+
+def model_dtype(device: Device) -> torch.dtype:
+    """fp32 on CPU: bf16 ran 5x slower there and drifted from greedy fp32 output."""
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

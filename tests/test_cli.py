@@ -1,0 +1,28 @@
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cai(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cai.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_unknown_model_is_one_line_error_without_traceback():
+    result = run_cai("ask", "hello", "--model", "no-such-model")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown model 'no-such-model'" in lines[0]
+
+
+def test_models_list_shows_builtin():
+    result = run_cai("models", "list")
+    assert result.returncode == 0, result.stderr
+    assert "smollm2-135m-instruct" in result.stdout
+
+
+def test_ask_answers_with_tiny_model(tiny_causal_lm_dir):
+    result = run_cai("ask", "Hello there", "--model", str(tiny_causal_lm_dir), "--max-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert "assistant:" in result.stdout and "tokens in" in result.stdout
