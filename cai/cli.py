@@ -18,6 +18,8 @@ from cai.errors import CaiError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Constitutional AI and RLAIF toolkit.")
 models_app = typer.Typer(no_args_is_help=True, help="Builtin and cached models.")
 app.add_typer(models_app, name="models")
+constitution_app = typer.Typer(no_args_is_help=True, help="Validate, show and import constitutions.")
+app.add_typer(constitution_app, name="constitution")
 console = Console()
 
 
@@ -76,6 +78,125 @@ def ask(
     console.print(f"[bold]user:[/bold] {prompt}")
     console.print(f"[bold]assistant:[/bold] {tokenizer.decode(new_tokens, skip_special_tokens=True).strip()}")
     console.print(f"[dim]{len(new_tokens)} tokens in {elapsed:.1f} s on {device}[/dim]")
+
+
+@constitution_app.command("validate")
+def constitution_validate(files: list[str] = typer.Argument(..., help="Constitution YAML files.")) -> None:
+    """Check constitution files; every problem is one line naming file, line and field."""
+    from cai.constitution import load_constitution
+
+    failed = 0
+    for file in files:
+        try:
+            c = load_constitution(file)
+        except CaiError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        print(
+            f"ok: {file} ({len(c.principles)} principles, {len(c.preferences)} preferences, "
+            f"{len(c.few_shot)} few-shot, hash {c.hash})"
+        )
+    if failed:
+        raise typer.Exit(code=2)
+
+
+@constitution_app.command("show")
+def constitution_show(file: str = typer.Argument(..., help="A constitution YAML file.")) -> None:
+    """Print a constitution's principles as tables."""
+    from cai.constitution import load_constitution
+
+    c = load_constitution(file)
+    console.print(f"[bold]{c.name}[/bold] {c.version}  hash {c.hash}")
+    if c.description:
+        console.print(c.description)
+    if c.system:
+        console.print(f"[dim]system:[/dim] {c.system}")
+    table = Table(title="critique / revision principles", show_lines=True)
+    for column in ("id", "weight", "tags", "critique request", "revision request"):
+        table.add_column(column)
+    for p in c.principles:
+        table.add_row(p.id, f"{p.weight:g}", ", ".join(p.tags), p.critique, p.revision)
+    console.print(table)
+    if c.preferences:
+        table = Table(title="preference principles (AI labelling)", show_lines=True)
+        for column in ("id", "weight", "question"):
+            table.add_column(column)
+        for p in c.preferences:
+            table.add_row(p.id, f"{p.weight:g}", p.text)
+        console.print(table)
+    console.print(f"{len(c.few_shot)} few-shot example(s)")
+
+
+@constitution_app.command("import")
+def constitution_import(
+    sources: list[str] = typer.Argument(..., help="llm-swarm JSON, or the CAI paper's prompt files (or a folder of them)."),
+    out: str = typer.Option(..., "-o", "--out", help="YAML file to write."),
+    name: Optional[str] = typer.Option(None, help="Constitution name (default: first source's file name)."),
+) -> None:
+    """Convert a public constitution format into cai's YAML (validated before writing)."""
+    from pathlib import Path
+
+    from cai import yamlio
+    from cai.constitution import to_yaml_data
+    from cai.constitution_import import import_files
+
+    constitution = import_files(sources, name=name)
+    Path(out).write_text(yamlio.dump(to_yaml_data(constitution)), encoding="utf-8")
+    print(
+        f"wrote {out}: {len(constitution.principles)} principles, {len(constitution.preferences)} preferences, "
+        f"{len(constitution.few_shot)} few-shot"
+    )
+
+
+@app.command()
+def critique(
+    constitution: str = typer.Option(..., help="Constitution YAML."),
+    prompts: str = typer.Option(..., help="Prompt file (JSONL/JSON/CSV/TXT) or a datasets id/path."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Builtin name, local folder or hub id."),
+    out: str = typer.Option(..., help="Run directory (created; resumed when it holds the same run)."),
+    rounds: int = typer.Option(2, help="Critique/revision rounds."),
+    engine: str = typer.Option("auto", help="auto, vllm, hf or openai."),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(1.0),
+    max_tokens: int = typer.Option(256, help="New tokens per answer, critique and revision."),
+    seed: int = typer.Option(0),
+    few_shot: Optional[int] = typer.Option(None, help="Use only the first N few-shot examples."),
+    columns: list[str] = typer.Option([], help="Column map, e.g. --columns prompt=question."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    chunk_size: int = typer.Option(128, help="Rows per engine call and per durable write."),
+    prompt_dir: Optional[str] = typer.Option(None, help="Folder of template overrides."),
+    threads: int = typer.Option(0, help="CPU threads (0: all cores)."),
+    overwrite: bool = typer.Option(False, help="Replace a run made with different settings."),
+    save_dataset: bool = typer.Option(False, help="Also write a datasets save_to_disk copy."),
+) -> None:
+    """SL-CAI: answer, critique and revise under the constitution; write SFT and preference data."""
+    import json
+    from dataclasses import asdict
+
+    from cai.constitution import load_constitution
+    from cai.critique import CritiqueRun, CritiqueSettings, save_as_datasets
+    from cai.engines import EngineSettings, SamplingSettings, get_engine
+    from cai.prompt_sets import load_prompts, parse_column_map
+    from cai.prompts import PromptSet
+
+    settings = CritiqueSettings(
+        rounds=rounds,
+        seed=seed,
+        sampling=SamplingSettings(temperature=temperature, top_p=top_p, max_tokens=max_tokens),
+        few_shot=few_shot,
+        chunk_size=chunk_size,
+    )
+    loaded_constitution = load_constitution(constitution)
+    loaded_prompts = load_prompts(prompts, columns=parse_column_map(columns), limit=limit)
+    templates = PromptSet(prompt_dir)
+    generator = get_engine(model, EngineSettings(kind=engine, threads=threads))  # type: ignore[arg-type]
+    summary = CritiqueRun(generator, loaded_constitution, loaded_prompts, templates, out, settings, overwrite=overwrite).run()
+    if save_dataset:
+        save_as_datasets(out)
+    report = asdict(summary)
+    report.pop("stages")
+    print(json.dumps(report, indent=2))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

