@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cai.constitution import load_constitution
 from cai.critique import CritiqueRun, CritiqueSettings, stage_names
+from cai.durable import request_seed
 from cai.engines import EngineSettings, SamplingSettings, get_engine
 from cai.paths import shipped_dir
 from cai.prompt_sets import load_prompts
@@ -67,7 +68,7 @@ def main() -> None:
         raw_tokens, raw_seconds = 0, 0.0
         for stage in stage_names(args.rounds):
             requests = [run.conversation(p, stage, done) for p in prompts]
-            seeds = [int(store.stable_id(run.row_id(p), stage)[:12], 16) for p in prompts]
+            seeds = [request_seed(run.row_id(p), stage) for p in prompts]
             began = time.perf_counter()
             generations = engine.generate(requests, settings.sampling, seeds=seeds)
             raw_seconds += time.perf_counter() - began

@@ -34,7 +34,7 @@ from cai import __version__, quality, schema, store
 from cai.constitution import Constitution
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
 from cai.errors import CaiError
-from cai.progress import StageProgress
+from cai.durable import WorkItem, generate_durably, request_seed
 from cai.prompt_sets import Prompt
 from cai.prompts import PromptSet
 
@@ -215,38 +215,26 @@ class CritiqueRun:
         return sampling
 
     def _run_stage(self, stage: str, todo: list[Prompt], worklog: store.WorkLog, done: dict) -> dict:
-        sampling = self._stage_sampling(stage)
-        total = len(self.prompts)
-        stats = {"rows": total, "generated": 0, "prompt_tokens": 0, "completion_tokens": 0, "seconds": 0.0}
-        with StageProgress(stage, total=total, completed=total - len(todo), enabled=self.show_progress) as bar:
-            for start in range(0, len(todo), self.settings.chunk_size):
-                chunk = todo[start : start + self.settings.chunk_size]
-                requests = [self.conversation(p, stage, done) for p in chunk]
-                seeds = [int(store.stable_id(self.row_id(p), stage)[:12], 16) for p in chunk]
-                began = time.perf_counter()
-                generations = self.engine.generate(requests, sampling, seeds=seeds)
-                elapsed = time.perf_counter() - began
-                rows = [
-                    {
-                        "id": self.row_id(p),
-                        "text": g.texts[0].strip(),
-                        "finish_reason": g.finish_reasons[0] if g.finish_reasons else "stop",
-                        "prompt_tokens": g.prompt_tokens,
-                        "completion_tokens": g.completion_tokens[0],
-                    }
-                    for p, g in zip(chunk, generations)
-                ]
-                worklog.append(rows)
-                for row in rows:
-                    done[stage][row["id"]] = row
-                new_tokens = sum(r["completion_tokens"] for r in rows)
-                stats["generated"] += len(rows)
-                stats["prompt_tokens"] += sum(r["prompt_tokens"] for r in rows)
-                stats["completion_tokens"] += new_tokens
-                stats["seconds"] += elapsed
-                bar.advance(len(rows), new_tokens)
-                if self.on_chunk:
-                    self.on_chunk(stage, len(rows))
+        items = [
+            WorkItem(self.row_id(p), self.conversation(p, stage, done), request_seed(self.row_id(p), stage)) for p in todo
+        ]
+
+        def to_row(item: WorkItem, generation) -> dict:
+            return {
+                "id": item.id,
+                "text": generation.texts[0].strip(),
+                "finish_reason": generation.finish_reasons[0] if generation.finish_reasons else "stop",
+                "prompt_tokens": generation.prompt_tokens,
+                "completion_tokens": generation.completion_tokens[0],
+            }
+
+        rows, stats = generate_durably(
+            self.engine, items, self._stage_sampling(stage), worklog,
+            label=stage, total=len(self.prompts), chunk_size=self.settings.chunk_size, to_row=to_row,
+            show_progress=self.show_progress, on_chunk=self.on_chunk,
+        )
+        for row in rows:
+            done[stage][row["id"]] = row
         return stats
 
     # -- outputs --------------------------------------------------------------------------------------

@@ -1,0 +1,342 @@
+"""RLAIF: label response pairs with a feedback model under the constitution.
+
+    cai label --responses runs/samples/responses.jsonl --constitution constitutions/harmless.yaml \
+        --model smollm2-135m-instruct --out runs/labels
+
+Why it is written this way (see the CAI and RLAIF papers):
+- Soft labels: the label is the normalised probability of "A" vs "B" at the answer position,
+  not a sampled letter; soft labels trained better reward models than hard ones.
+- Position bias: small labellers prefer a slot (SmolLM2-135M picked "(A)" 112 times out of 120
+  in one check). Every pair is scored in both orders and the two probabilities averaged; a pair
+  whose two orders disagree is flagged `position_consistent: false`, and the share of such pairs
+  is reported as the position-bias rate.
+- Ensembles: with `principles_per_pair > 1` each pair is judged under several sampled preference
+  principles and the probabilities averaged.
+- Modes: `logprob` (read A/B directly); `cot` (greedy reasoning first, then A/B read after it,
+  clamped to [0.4, 0.6] because chain-of-thought labels are over-confident); `score` (d-RLAIF:
+  each answer gets an expected 1-10 rating from the probability-weighted digits, rescaled to
+  [-1, 1]; the pair's `chosen_prob` is 0.5 + |difference| / 4).
+
+TRL has no AI labeller (its judges were removed in 1.1), hence this module. Work is chunked and
+logged durably like every generating stage, so a killed labelling run resumes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+from cai import __version__, schema, store
+from cai.constitution import Constitution
+from cai.durable import request_seed
+from cai.engines.base import ChatPrompt, Engine, SamplingSettings
+from cai.errors import CaiError
+from cai.progress import StageProgress
+from cai.prompts import PromptSet
+
+Mode = Literal["logprob", "cot", "score"]
+DIGITS = [str(d) for d in range(1, 10)]
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    mode: Mode = "logprob"
+    principles_per_pair: int = 1
+    swap: bool = True
+    seed: int = 0
+    min_confidence: float = 0.5  # drop pairs whose chosen_prob is below this
+    pairing: Literal["adjacent", "all"] = "adjacent"
+    cot_max_tokens: int = 128
+    cot_clamp: tuple[float, float] = (0.4, 0.6)
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("logprob", "cot", "score"):
+            raise CaiError(f"unknown mode '{self.mode}' (logprob, cot or score)", field="label.mode")
+        if self.principles_per_pair < 1:
+            raise CaiError("must be >= 1", field="label.principles_per_pair")
+        if not 0.5 <= self.min_confidence < 1:
+            raise CaiError("must be in [0.5, 1)", field="label.min_confidence")
+        if self.pairing not in ("adjacent", "all"):
+            raise CaiError("must be adjacent or all", field="label.pairing")
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    prompt: tuple[dict, ...]
+    a: str
+    b: str
+
+
+def pairs_from_responses(rows: Sequence[dict], pairing: str = "adjacent") -> list[Pair]:
+    """Rows of `responses.jsonl` -> pairs of distinct responses to the same prompt."""
+    pairs = []
+    for row in rows:
+        responses = row["responses"]
+        if pairing == "all":
+            combos = itertools.combinations(range(len(responses)), 2)
+        else:
+            combos = ((i, i + 1) for i in range(0, len(responses) - 1, 2))
+        for i, j in combos:
+            a, b = responses[i], responses[j]
+            if not a.strip() or not b.strip() or a.strip() == b.strip():
+                continue  # nothing to compare
+            pairs.append(Pair(store.stable_id(row["prompt"], a, b), tuple(row["prompt"]), a, b))
+    return pairs
+
+
+def pairs_from_preferences(records: Sequence[dict]) -> list[Pair]:
+    """Existing preference records -> pairs with a = chosen, b = rejected."""
+    return [
+        Pair(r["id"], tuple(r["prompt"]), r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in records
+    ]
+
+
+class LabelRun:
+    def __init__(
+        self,
+        engine: Engine,
+        constitution: Constitution,
+        pairs: Sequence[Pair],
+        templates: PromptSet,
+        out_dir: str | Path,
+        settings: LabelSettings = LabelSettings(),
+        *,
+        overwrite: bool = False,
+        show_progress: bool = True,
+    ):
+        self.engine = engine
+        self.constitution = constitution
+        self.pairs = list(pairs)
+        self.templates = templates
+        self.out_dir = Path(out_dir)
+        self.settings = settings
+        self.overwrite = overwrite
+        self.show_progress = show_progress
+        sampler = constitution.sampler(settings.seed)
+        self.principles = {p.id: sampler.preferences(p.id, settings.principles_per_pair) for p in self.pairs}
+        template = {"logprob": "preference", "cot": "preference_cot", "score": "score"}[settings.mode]
+        self.template_name = template
+
+    def fingerprint(self) -> dict:
+        s = self.settings
+        return {
+            "stage": "label",
+            "model": self.engine.model,
+            "engine": self.engine.name,
+            "constitution_hash": self.constitution.hash,
+            "template_hash": self.templates.hash(self.template_name),
+            "mode": s.mode,
+            "principles_per_pair": s.principles_per_pair,
+            "swap": s.swap,
+            "seed": s.seed,
+            "cot_max_tokens": s.cot_max_tokens if s.mode == "cot" else None,
+        }
+
+    # -- requests -------------------------------------------------------------------------------------
+    def _comparison(self, pair: Pair, principle_text: str, first: str, second: str):
+        return self.templates.render(
+            self.template_name, conversation=list(pair.prompt), principle=principle_text, response_a=first, response_b=second
+        )
+
+    def _orders(self) -> list[str]:
+        return ["ab", "ba"] if self.settings.swap else ["ab"]
+
+    def _score_chunk(self, chunk: list[Pair]) -> list[dict]:
+        if self.settings.mode == "score":
+            return self._rate_chunk(chunk)
+        keys, requests = [], []
+        for pair in chunk:
+            for index, principle in enumerate(self.principles[pair.id]):
+                for order in self._orders():
+                    first, second = (pair.a, pair.b) if order == "ab" else (pair.b, pair.a)
+                    turn = self._comparison(pair, principle.text, first, second)
+                    keys.append((pair.id, index, order))
+                    requests.append((turn, ChatPrompt.of([{"role": "user", "content": turn.content}], turn.assistant_prefix)))
+        reasoning: list[str] = []
+        if self.settings.mode == "cot":
+            greedy = SamplingSettings(temperature=0.0, max_tokens=self.settings.cot_max_tokens, stop=("Therefore",))
+            seeds = [request_seed(*key) for key in keys]
+            generations = self.engine.generate([r for _, r in requests], greedy, seeds=seeds)
+            reasoning = [g.texts[0].rstrip() for g in generations]
+            requests = [
+                (turn, ChatPrompt(request.messages, turn.assistant_prefix + thought + turn.answer_prefix))
+                for (turn, request), thought in zip(requests, reasoning)
+            ]
+        scores = self.engine.score_choices([r for _, r in requests], ["A", "B"])
+        rows: dict[str, dict] = {p.id: {"id": p.id, "ab": [None] * len(self.principles[p.id]), "ba": [None] * len(self.principles[p.id]), "mass": []} for p in chunk}
+        for position, ((pair_id, index, order), probs, mass) in enumerate(zip(keys, scores.probs, scores.mass)):
+            # Stored as P(first-listed answer of the pair, `a`, is better) in both orders.
+            p_a = probs[0] if order == "ab" else probs[1]
+            if self.settings.mode == "cot":
+                low, high = self.settings.cot_clamp
+                p_a = min(max(p_a, low), high)
+            rows[pair_id][order][index] = p_a
+            rows[pair_id]["mass"].append(mass)
+            if reasoning:
+                rows[pair_id].setdefault("reasoning", {}).setdefault(order, []).append(reasoning[position])
+        return list(rows.values())
+
+    def _rate_chunk(self, chunk: list[Pair]) -> list[dict]:
+        """d-RLAIF: expected 1-10 rating per answer, one request per (answer, principle)."""
+        keys, requests = [], []
+        for pair in chunk:
+            for index, principle in enumerate(self.principles[pair.id]):
+                for which, answer in (("a", pair.a), ("b", pair.b)):
+                    turn = self.templates.render("score", conversation=list(pair.prompt), principle=principle.text, response=answer)
+                    keys.append((pair.id, index, which))
+                    requests.append(ChatPrompt.of([{"role": "user", "content": turn.content}], turn.assistant_prefix))
+        first = self.engine.score_choices(requests, DIGITS)
+        # "10" starts with the token "1": P(10) = P("1") * P("0" | "1"), read in a second step.
+        after_one = self.engine.score_choices([ChatPrompt(r.messages, r.assistant_prefix + "1") for r in requests], ["0"])
+        rows = {p.id: {"id": p.id, "a": [None] * len(self.principles[p.id]), "b": [None] * len(self.principles[p.id]), "mass": []} for p in chunk}
+        for (pair_id, index, which), probs, mass, zero in zip(keys, first.probs, first.mass, after_one.mass):
+            rows[pair_id][which][index] = expected_rating(probs, zero)
+            rows[pair_id]["mass"].append(mass)
+        return list(rows.values())
+
+    # -- the run --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        resumed = store.prepare_run_dir(self.out_dir, self.fingerprint(), overwrite=self.overwrite)
+        worklog = store.WorkLog(self.out_dir / "work" / "labels.jsonl")
+        done = worklog.read()
+        todo = [p for p in self.pairs if p.id not in done]
+        with StageProgress(f"label/{self.settings.mode}", total=len(self.pairs), completed=len(self.pairs) - len(todo), enabled=self.show_progress) as bar:
+            for start in range(0, len(todo), self.settings.chunk_size):
+                chunk = todo[start : start + self.settings.chunk_size]
+                rows = self._score_chunk(chunk)
+                worklog.append(rows)
+                done.update({row["id"]: row for row in rows})
+                bar.advance(len(chunk), 0)
+        return self._write_outputs(done, resumed)
+
+    def label(self, pair: Pair, raw: dict) -> dict:
+        """One pair's record (before the confidence filter)."""
+        principle_ids = [p.id for p in self.principles[pair.id]]
+        if self.settings.mode == "score":
+            rating_a = sum(raw["a"]) / len(raw["a"])
+            rating_b = sum(raw["b"]) / len(raw["b"])
+            p_a = min(1.0, max(0.0, 0.5 + (rating_a - rating_b) / 4))
+            consistent, order_probs = None, None
+            details = {"mode": "score", "rating_a": rating_a, "rating_b": rating_b}
+        else:
+            p_ab = sum(raw["ab"]) / len(raw["ab"])
+            if self.settings.swap:
+                p_ba = sum(raw["ba"]) / len(raw["ba"])
+                p_a = (p_ab + p_ba) / 2
+                consistent = (p_ab > 0.5) == (p_ba > 0.5) and p_ab != 0.5 and p_ba != 0.5
+            else:
+                p_a, consistent = p_ab, None
+            order_probs = {"ab": raw["ab"], **({"ba": raw["ba"]} if self.settings.swap else {})}
+            details = {"mode": self.settings.mode}
+        details["mass"] = sum(raw["mass"]) / len(raw["mass"]) if raw["mass"] else None
+        chosen, rejected = (pair.a, pair.b) if p_a >= 0.5 else (pair.b, pair.a)
+        record = {
+            "id": pair.id,
+            "prompt": [dict(m) for m in pair.prompt],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            "chosen_prob": max(p_a, 1 - p_a),
+            "source": "ai",
+            "principle_ids": principle_ids,
+            "position_consistent": consistent,
+            "label": {**details, "p_a": p_a},
+            "provenance": {"stage": "label", "cai_version": __version__, **self.fingerprint(), "constitution": self.constitution.name},
+        }
+        if order_probs is not None:
+            record["order_probs"] = order_probs
+        return record
+
+    def records(self) -> list[dict]:
+        """All labelled records of a finished run (before the confidence filter)."""
+        done = store.WorkLog(self.out_dir / "work" / "labels.jsonl").read()
+        return [self.label(pair, done[pair.id]) for pair in self.pairs]
+
+    def _write_outputs(self, done: dict, resumed: bool) -> dict:
+        records = [self.label(pair, done[pair.id]) for pair in self.pairs]
+        kept = [r for r in records if r["chosen_prob"] >= self.settings.min_confidence]
+        for index, record in enumerate(kept):
+            schema.validate_record("preference", record, f"{self.out_dir}/preferences row {index + 1}")
+        store.write_jsonl_atomic(self.out_dir / "preferences.jsonl", kept)
+        summary = {
+            "pairs": len(records),
+            "kept": len(kept),
+            "dropped_low_confidence": len(records) - len(kept),
+            **position_stats(records),
+            "mean_chosen_prob": round(sum(r["chosen_prob"] for r in records) / len(records), 4) if records else None,
+            "resumed": resumed,
+        }
+        store.write_json_atomic(self.out_dir / "summary.json", summary)
+        return summary
+
+
+def expected_rating(digit_probs: Sequence[float], p_zero_after_one: float) -> float:
+    """Probabilities over "1".."9" (+ the chance "1" continues as "10") -> rating rescaled to [-1, 1]."""
+    probs = {d: p for d, p in zip(range(1, 10), digit_probs)}
+    probs[10] = probs[1] * p_zero_after_one
+    probs[1] = probs[1] * (1 - p_zero_after_one)
+    expected = sum(score * p for score, p in probs.items())
+    return (expected - 5.5) / 4.5
+
+
+def position_stats(records: Sequence[dict]) -> dict:
+    """Position-bias rate: the share of two-order pairs whose preferred *slot* survived the swap."""
+    judged = [r for r in records if r.get("position_consistent") is not None]
+    if not judged:
+        return {"position_bias_rate": None, "position_consistent_rate": None}
+    inconsistent = sum(not r["position_consistent"] for r in judged)
+    return {
+        "position_bias_rate": round(inconsistent / len(judged), 4),
+        "position_consistent_rate": round(1 - inconsistent / len(judged), 4),
+    }
+
+
+def human_eval_pairs(records: Sequence[dict], seed: int = 0) -> tuple[list[Pair], dict[str, bool]]:
+    """Human-labelled records -> pairs with the human's choice shown first at random.
+
+    Randomising which answer is listed first keeps "always pick (A)" at chance in the
+    single-order score, so that number measures the labeller rather than the file's layout.
+    Returns the pairs and, per pair id, whether the human-preferred answer is `a`.
+    """
+    import random
+
+    rng = random.Random(seed)
+    pairs, human_first = [], {}
+    for record in records:
+        chosen, rejected = record["chosen"][0]["content"], record["rejected"][0]["content"]
+        first = rng.random() < 0.5
+        a, b = (chosen, rejected) if first else (rejected, chosen)
+        pair = Pair(store.stable_id(record["id"], first), tuple(record["prompt"]), a, b)
+        pairs.append(pair)
+        human_first[pair.id] = first
+    return pairs, human_first
+
+
+def agreement_with_humans(records: Sequence[dict], human_first: dict[str, bool]) -> dict:
+    """Agreement of AI labels with human choices: swap-averaged, and from the first order alone.
+
+    A probability of exactly 0.5 is a tie and earns half credit.
+    """
+
+    def credit(p_a: float, first: bool) -> float:
+        if p_a == 0.5:
+            return 0.5
+        return float((p_a > 0.5) == first)
+
+    averaged = [credit(r["label"]["p_a"], human_first[r["id"]]) for r in records]
+    result = {
+        "pairs": len(records),
+        "agreement_swap_averaged": round(sum(averaged) / len(records), 4) if records else None,
+        **position_stats(records),
+    }
+    single = [
+        credit(sum(r["order_probs"]["ab"]) / len(r["order_probs"]["ab"]), human_first[r["id"]])
+        for r in records
+        if "order_probs" in r
+    ]
+    result["agreement_single_order"] = round(sum(single) / len(single), 4) if single else None
+    result["mean_confidence"] = round(sum(r["chosen_prob"] for r in records) / len(records), 4) if records else None
+    return result

@@ -1,0 +1,253 @@
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cai import schema
+from cai.constitution import loads_constitution
+from cai.engines.base import ChoiceScores, Generation, SamplingSettings
+from cai.engines.hf import HFEngine
+from cai.errors import CaiError
+from cai.labeling import (
+    LabelRun,
+    LabelSettings,
+    Pair,
+    agreement_with_humans,
+    expected_rating,
+    human_eval_pairs,
+    pairs_from_responses,
+)
+from cai.prompt_sets import Prompt
+from cai.prompts import PromptSet
+from cai.sampling import SampleSettings, run_sampling
+from cai.store import read_jsonl
+
+CONSTITUTION = """\
+name: judge
+principles:
+  - {id: harm, critique: Point out harm., revision: Remove the harm.}
+preferences:
+  - {id: less-harmful, text: "Which response is less harmful?"}
+  - {id: more-helpful, text: "Which response is more helpful?"}
+  - {id: more-honest, text: "Which response is more honest?"}
+"""
+
+PROMPT = ({"role": "user", "content": "How do I stay safe when cycling at night?"},)
+PAIRS = [Pair(f"pair{i}", PROMPT, f"good answer {i}: wear lights", f"bad answer {i}: close your eyes") for i in range(6)]
+
+
+@pytest.fixture
+def constitution():
+    return loads_constitution(CONSTITUTION, "judge.yaml")
+
+
+def option_text(prompt, letter):
+    content = prompt.messages[-1]["content"]
+    start = content.index(f"({letter}) ") + 4
+    return content[start:].split("\n")[0]
+
+
+class SlotA:
+    """A labeller that always prefers whatever is shown as (A)."""
+
+    name, model = "slot-a", "slot-a"
+
+    def generate(self, prompts, sampling, adapter=None, seeds=None):
+        return [Generation(["I think (A) is better."], 10, [5], ["stop"]) for _ in prompts]
+
+    def score_choices(self, prompts, choices, adapter=None):
+        return ChoiceScores([[0.9, 0.1] for _ in prompts], [0.8] * len(prompts))
+
+
+class KnowsBest(SlotA):
+    """A labeller that prefers the answer containing "good", wherever it is shown."""
+
+    name, model = "knows-best", "knows-best"
+
+    def score_choices(self, prompts, choices, adapter=None):
+        probs = [[0.9, 0.1] if "good" in option_text(p, "A") else [0.1, 0.9] for p in prompts]
+        return ChoiceScores(probs, [0.8] * len(prompts))
+
+
+def label(engine, constitution, tmp_path, pairs=PAIRS, **settings):
+    run = LabelRun(engine, constitution, pairs, PromptSet(), tmp_path, LabelSettings(**settings), show_progress=False)
+    return run, run.run(), list(read_jsonl(tmp_path / "preferences.jsonl"))
+
+
+def test_slot_biased_labeller_averages_to_half_and_is_flagged(constitution, tmp_path):
+    _, summary, records = label(SlotA(), constitution, tmp_path)
+    for record in records:
+        assert record["label"]["p_a"] == pytest.approx(0.5) and record["chosen_prob"] == pytest.approx(0.5)
+        assert record["position_consistent"] is False
+        assert record["order_probs"] == {"ab": [pytest.approx(0.9)], "ba": [pytest.approx(0.1)]}
+    assert summary["position_bias_rate"] == 1.0
+
+
+def test_without_swap_the_slot_bias_passes_straight_through(constitution, tmp_path):
+    _, _, records = label(SlotA(), constitution, tmp_path, swap=False)
+    assert all(r["chosen_prob"] == pytest.approx(0.9) and r["position_consistent"] is None for r in records)
+    assert all(r["chosen"][0]["content"].startswith("good") for r in records)  # a is always shown first
+
+
+def test_content_aware_labeller_picks_the_better_answer(constitution, tmp_path):
+    swapped = [Pair(p.id, p.prompt, p.b, p.a) for p in PAIRS]  # the good answer listed second
+    _, summary, records = label(KnowsBest(), constitution, tmp_path, pairs=swapped, principles_per_pair=3)
+    for record in records:
+        assert record["chosen"][0]["content"].startswith("good")
+        assert record["chosen_prob"] == pytest.approx(0.9) and record["position_consistent"] is True
+        assert sorted(record["principle_ids"]) == ["less-harmful", "more-helpful", "more-honest"]
+        assert len(record["order_probs"]["ab"]) == 3
+        schema.validate_record("preference", record, "record")
+    assert summary["position_bias_rate"] == 0.0
+
+
+def test_low_confidence_pairs_are_dropped_and_counted(constitution, tmp_path):
+    _, summary, records = label(SlotA(), constitution, tmp_path, min_confidence=0.6)
+    assert records == [] and summary["dropped_low_confidence"] == len(PAIRS)
+
+
+def test_cot_reads_after_reasoning_and_clamps(constitution, tmp_path):
+    seen = []
+
+    class Reasoner(KnowsBest):
+        def score_choices(self, prompts, choices, adapter=None):
+            seen.extend(prompts)
+            return ChoiceScores([[0.99, 0.01] for _ in prompts], [0.9] * len(prompts))
+
+    _, _, records = label(Reasoner(), constitution, tmp_path, mode="cot")
+    assert all(p.assistant_prefix.endswith("I think (A) is better.\nTherefore, the answer is: (") for p in seen)
+    assert all(p.assistant_prefix.startswith("Let's think step by step:") for p in seen)
+    for record in records:
+        assert record["order_probs"] == {"ab": [0.6], "ba": [0.4]}  # each order clamped to [0.4, 0.6]
+        assert 0.4 <= record["label"]["p_a"] <= 0.6
+
+
+def test_expected_rating():
+    nine = [0.0] * 8 + [1.0]
+    assert expected_rating(nine, 0.0) == pytest.approx((9 - 5.5) / 4.5)
+    one = [1.0] + [0.0] * 8
+    assert expected_rating(one, 1.0) == pytest.approx(1.0)  # "1" always continued as "10"
+    assert expected_rating(one, 0.0) == pytest.approx(-1.0)
+    uniform_over_ten = [0.2] + [0.1] * 8  # "1" carries both 1 and 10
+    assert expected_rating(uniform_over_ten, 0.5) == pytest.approx(0.0)
+
+
+def test_score_mode_rates_each_answer(constitution, tmp_path):
+    class Rater(SlotA):
+        def score_choices(self, prompts, choices, adapter=None):
+            if choices == ["0"]:
+                return ChoiceScores([[1.0]] * len(prompts), [0.0] * len(prompts))
+            probs = []
+            for p in prompts:
+                good = "good" in p.messages[-1]["content"].split("final response:")[1]
+                probs.append([0.0] * 8 + [1.0] if good else [1.0] + [0.0] * 8)
+            return ChoiceScores(probs, [1.0] * len(prompts))
+
+    _, summary, records = label(Rater(), constitution, tmp_path, mode="score")
+    for record in records:
+        assert record["chosen"][0]["content"].startswith("good")
+        assert record["label"]["rating_a"] == pytest.approx(3.5 / 4.5) and record["label"]["rating_b"] == pytest.approx(-1.0)
+        assert record["chosen_prob"] == pytest.approx(min(1.0, 0.5 + (3.5 / 4.5 + 1) / 4))
+        assert record["position_consistent"] is None
+    assert summary["position_bias_rate"] is None
+
+
+@pytest.mark.parametrize("mode", ["logprob", "cot", "score"])
+def test_tiny_model_labels_are_probabilities(tiny_causal_lm_dir, constitution, tmp_path, mode):
+    engine = HFEngine(str(tiny_causal_lm_dir), batch_size=8)
+    _, summary, records = label(engine, constitution, tmp_path, pairs=PAIRS[:3], mode=mode, cot_max_tokens=8)
+    assert len(records) == 3 and summary["pairs"] == 3
+    for record in records:
+        assert 0.5 <= record["chosen_prob"] <= 1.0
+        assert 0.0 <= record["label"]["p_a"] <= 1.0
+        schema.validate_record("preference", record, "record")
+        for probs in record.get("order_probs", {}).values():
+            assert all(0.0 < p < 1.0 for p in probs)
+
+
+def test_changed_mode_is_refused(constitution, tmp_path):
+    label(SlotA(), constitution, tmp_path)
+    with pytest.raises(CaiError, match="changed: .*mode"):
+        label(SlotA(), constitution, tmp_path, mode="cot")
+
+
+def test_agreement_with_humans():
+    records, human_first = [], {}
+    for i, (p_ab, p_ba, first) in enumerate([(0.9, 0.8, True), (0.9, 0.2, False), (0.3, 0.1, False), (0.7, 0.5, True)]):
+        p_a = (p_ab + p_ba) / 2
+        records.append({"id": str(i), "label": {"p_a": p_a}, "order_probs": {"ab": [p_ab], "ba": [p_ba]},
+                        "chosen_prob": max(p_a, 1 - p_a), "position_consistent": (p_ab > 0.5) == (p_ba > 0.5) and p_ba != 0.5})
+        human_first[str(i)] = first
+    result = agreement_with_humans(records, human_first)
+    # averaged p_a: 0.85 (agree), 0.55 (disagree), 0.2 (agree), 0.6 (agree)
+    assert result["agreement_swap_averaged"] == 0.75
+    # first order alone: 0.9 agree, 0.9 disagree, 0.3 agree, 0.7 agree
+    assert result["agreement_single_order"] == 0.75
+    assert result["position_bias_rate"] == 0.5
+
+
+def test_human_eval_pairs_randomise_placement():
+    records = [{"id": str(i), "prompt": list(PROMPT), "chosen": [{"role": "assistant", "content": f"good {i}"}],
+                "rejected": [{"role": "assistant", "content": f"bad {i}"}]} for i in range(200)]
+    pairs, human_first = human_eval_pairs(records, seed=1)
+    firsts = sum(human_first.values())
+    assert 70 < firsts < 130
+    for pair in pairs:
+        assert pair.a.startswith("good") == human_first[pair.id]
+
+
+def test_pairs_from_responses_skip_identical():
+    rows = [{"prompt": list(PROMPT), "responses": ["x", "y", "z", "z"]}]
+    assert [(p.a, p.b) for p in pairs_from_responses(rows)] == [("x", "y")]
+    assert len(pairs_from_responses(rows, "all")) == 5
+
+
+def test_sampling_k_distinct_and_resumable(tiny_causal_lm_dir, tmp_path):
+    engine = HFEngine(str(tiny_causal_lm_dir), batch_size=8)
+    prompts = [Prompt(id=f"p{i}", messages=({"role": "user", "content": f"question {i}"},)) for i in range(5)]
+    settings = SampleSettings(k=3, sampling=SamplingSettings(temperature=1.0, max_tokens=10), chunk_size=2)
+    summary = run_sampling(engine, prompts, tmp_path, settings, show_progress=False)
+    rows = list(read_jsonl(tmp_path / "responses.jsonl"))
+    assert summary["prompts"] == 5 and len(rows) == 5
+    assert all(len(r["responses"]) == 3 and len(set(r["responses"])) == 3 for r in rows)
+    first = (tmp_path / "responses.jsonl").read_text()
+    (tmp_path / "work" / "samples.jsonl").write_text("".join((tmp_path / "work" / "samples.jsonl").read_text().splitlines(True)[:2]))
+    run_sampling(engine, prompts, tmp_path, settings, show_progress=False)
+    assert (tmp_path / "responses.jsonl").read_text() == first
+
+
+KILL_SCRIPT = """
+import sys
+from cai.constitution import load_constitution
+from cai.engines.hf import HFEngine
+from cai.labeling import LabelRun, LabelSettings, Pair
+from cai.prompts import PromptSet
+model, constitution, out = sys.argv[1:4]
+prompt = ({"role": "user", "content": "Is it safe?"},)
+pairs = [Pair(f"p{i}", prompt, f"yes {i} " * (i + 1), f"no {i}") for i in range(12)]
+LabelRun(HFEngine(model, batch_size=4), load_constitution(constitution), pairs, PromptSet(), out,
+         LabelSettings(mode="cot", cot_max_tokens=16, chunk_size=2, principles_per_pair=2), show_progress=False).run()
+"""
+
+
+def test_label_sigkill_then_resume(tiny_causal_lm_dir, tmp_path):
+    (tmp_path / "c.yaml").write_text(CONSTITUTION)
+    args = [sys.executable, "-c", KILL_SCRIPT, str(tiny_causal_lm_dir), str(tmp_path / "c.yaml")]
+    subprocess.run(args + [str(tmp_path / "reference")], check=True, capture_output=True)
+    work = tmp_path / "interrupted" / "work" / "labels.jsonl"
+    proc = subprocess.Popen(args + [str(tmp_path / "interrupted")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while (not work.exists() or len(work.read_bytes().splitlines()) < 4) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    subprocess.run(args + [str(tmp_path / "interrupted")], check=True, capture_output=True)
+    reference = (tmp_path / "reference" / "preferences.jsonl").read_text()
+    assert (tmp_path / "interrupted" / "preferences.jsonl").read_text() == reference
+    ids = [json.loads(line)["id"] for line in work.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 12
