@@ -1,0 +1,308 @@
+"""Reward models: LoRA/QLoRA training on soft preference labels, evaluation, and scoring.
+
+    cai train-rm --data runs/blend --model smollm2-135m-instruct --out runs/rm
+
+Why a custom loss: TRL's RewardTrainer optimises -log sigmoid(r_c - r_r - margin), which can only
+express "chosen is better". AI labels are probabilities (`chosen_prob`), so the loss here is the
+Bradley-Terry cross-entropy against the soft target,
+
+    loss = -[p * log sigmoid(r_c - r_r) + (1 - p) * log sigmoid(r_r - r_c)],
+
+weighted per row by its source's loss weight. A hard label is the special case p = 1; p = 0.5
+gives zero gradient at r_c = r_r (the labeller could not tell, so the model is not pushed). The
+rest of TRL's RewardTrainer (tokenisation, collation, logging, checkpoints) is reused by
+subclassing it.
+
+The `score` head is listed in LoRA's `modules_to_save`: otherwise it stays at its random
+initialisation in the saved adapter and a reloaded reward model scores noise (a common failure).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cai import chat, models, runtime, store
+from cai.errors import CaiError
+from cai.lora import LoraSettings, peft_config, prepare_quantized, quantization_config
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    source_weights: dict[str, float] = field(default_factory=dict)  # loss weight per `source`; default 1
+    hard_labels: bool = False  # treat every label as p = 1 (ablation)
+    seed: int = 0
+    save_steps: int = 50
+    merge: bool = False  # also write a merged full model
+    threads: int = 0
+    trust_remote_code: bool = False
+
+
+def soft_bradley_terry_loss(
+    rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, chosen_prob: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    delta = rewards_chosen - rewards_rejected
+    per_row = -(chosen_prob * nn.functional.logsigmoid(delta) + (1 - chosen_prob) * nn.functional.logsigmoid(-delta))
+    if weights is None:
+        return per_row.mean()
+    return (per_row * weights).sum() / weights.sum().clamp_min(1e-8)
+
+
+def _trainer_class():
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class SoftLabelCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            output = super().torch_call(examples)
+            output["chosen_prob"] = torch.tensor([float(e["chosen_prob"]) for e in examples])
+            output["loss_weight"] = torch.tensor([float(e["loss_weight"]) for e in examples])
+            return output
+
+    class SoftLabelRewardTrainer(RewardTrainer):
+        """TRL's RewardTrainer with the soft-label, source-weighted loss (see module docstring)."""
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = ["chosen_ids", "rejected_ids", "chosen_prob", "loss_weight"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            chosen_prob = inputs.pop("chosen_prob")
+            weights = inputs.pop("loss_weight")
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            loss = soft_bradley_terry_loss(rewards_chosen, rewards_rejected, chosen_prob.to(rewards_chosen.dtype), weights.to(rewards_chosen.dtype))
+            mode = "train" if self.model.training else "eval"
+            with torch.no_grad():
+                self._metrics[mode]["accuracy"].append((rewards_chosen > rewards_rejected).float().mean().item())
+                self._metrics[mode]["margin"].append((rewards_chosen - rewards_rejected).mean().item())
+                self._metrics[mode]["mean_reward"].append(outputs.logits.mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftLabelRewardTrainer, SoftLabelCollator
+
+
+def load_preference_file(path: Path) -> list[dict]:
+    from cai.data.importers import load_preferences
+
+    return load_preferences(str(path))[0]
+
+
+def _dataset(records: Sequence[dict], settings: RewardSettings):
+    import datasets
+
+    rows = [
+        {
+            "prompt": r["prompt"],
+            "chosen": r["chosen"],
+            "rejected": r["rejected"],
+            "chosen_prob": 1.0 if settings.hard_labels else float(r["chosen_prob"]),
+            "loss_weight": float(settings.source_weights.get(r["source"], 1.0)),
+        }
+        for r in records
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def load_reward_backbone(model_name: str, settings: RewardSettings, device: str):
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from cai.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_name, trust_remote_code=settings.trust_remote_code, padding_side="right")
+    dtype = runtime.model_dtype(device)
+    quant = quantization_config(settings.lora.quantization, dtype)
+    kwargs = dict(num_labels=1, dtype=dtype, trust_remote_code=settings.trust_remote_code, use_safetensors=True)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": 0} if device == "cuda" else "cpu")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(models.resolve(model_name), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CaiError(f"cannot load reward backbone '{model_name}': {str(exc).splitlines()[0]}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = prepare_quantized(model, gradient_checkpointing=device == "cuda")
+    model = get_peft_model(model, peft_config(settings.lora, "SEQ_CLS", modules_to_save=["score"]))
+    return model, tokenizer
+
+
+def train_reward_model(
+    train_file: str | Path,
+    model_name: str,
+    out_dir: str | Path,
+    settings: RewardSettings = RewardSettings(),
+    *,
+    eval_file: str | Path | None = None,
+) -> dict:
+    from trl import RewardConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads))
+    train_records = load_preference_file(Path(train_file))
+    eval_records = load_preference_file(Path(eval_file)) if eval_file and Path(eval_file).exists() and Path(eval_file).stat().st_size else []
+    model, tokenizer = load_reward_backbone(model_name, settings, device)
+    Trainer, Collator = _trainer_class()
+    config = RewardConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_length=settings.max_length,
+        seed=settings.seed,
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=1,
+        report_to="none",
+        remove_unused_columns=True,
+        disable_tqdm=True,
+        **runtime.training_overrides(device),
+    )
+    train_dataset = _dataset(train_records, settings)
+    trainer = Trainer(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        data_collator=Collator(pad_token_id=tokenizer.pad_token_id),
+    )
+    dropped = len(train_dataset) - len(trainer.train_dataset)
+    checkpoints = sorted((out_dir / "checkpoints").glob("checkpoint-*"))
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "cai-reward.json").write_text(json.dumps({"base_model": model_name, "settings": asdict(settings)}, indent=2, default=str))
+    if settings.merge:
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out_dir / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(out_dir / "merged")
+    metrics = {
+        "train_rows": len(train_records),
+        "dropped_too_long": dropped,
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "log_history": [h for h in trainer.state.log_history if "loss" in h],
+    }
+    if eval_records:
+        scorer = RewardScorer(model, tokenizer)
+        metrics["eval"] = evaluate_reward_model(scorer, eval_records)
+    store.write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+class RewardScorer:
+    """Batched reward scores for (conversation, response) pairs.
+
+    Inputs are text, not token ids: a policy and a reward model with different tokenizers work
+    together because each side tokenises with its own tokenizer and chat template.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int = 2048):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.model.eval()
+
+    @classmethod
+    def load(cls, path: str | Path, *, threads: int = 0, batch_size: int = 16) -> "RewardScorer":
+        """A trained reward model folder: `adapter/` (LoRA + score head) or a merged model."""
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        from cai.loading import load_sequence_classifier, load_tokenizer
+
+        device = runtime.apply(runtime.RuntimeSettings(threads=threads))
+        path = Path(path)
+        adapter = path / "adapter" if (path / "adapter").is_dir() else path
+        meta = adapter / "cai-reward.json"
+        if (adapter / "adapter_config.json").exists():
+            base = json.loads(meta.read_text())["base_model"] if meta.exists() else json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+            tokenizer = load_tokenizer(str(adapter), padding_side="right")
+            backbone = AutoModelForSequenceClassification.from_pretrained(
+                models.resolve(base), num_labels=1, dtype=runtime.model_dtype(device), use_safetensors=True
+            )
+            backbone.config.pad_token_id = tokenizer.pad_token_id
+            model = PeftModel.from_pretrained(backbone, str(adapter)).to(device)
+        else:
+            tokenizer = load_tokenizer(str(path), padding_side="right")
+            model = load_sequence_classifier(str(path), dtype=runtime.model_dtype(device)).to(device)
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, tokenizer, batch_size=batch_size)
+
+    def _text(self, conversation: Sequence[dict], response: str) -> str:
+        messages = list(conversation) + [{"role": "assistant", "content": response}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return chat.render_plain(messages)[: -len("\n\nAssistant:")]
+
+    @torch.no_grad()
+    def score(self, conversations: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
+        texts = [self._text(c, r) for c, r in zip(conversations, responses)]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        scores = [0.0] * len(texts)
+        device = next(self.model.parameters()).device
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            encoded = self.tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
+                                     max_length=self.max_length, add_special_tokens=False).to(device)
+            logits = self.model(**encoded).logits.squeeze(-1).float().tolist()
+            for index, value in zip(batch, logits if isinstance(logits, list) else [logits]):
+                scores[index] = float(value)
+        return scores
+
+
+def evaluate_reward_model(scorer: RewardScorer, records: Sequence[dict], bins: int = 10) -> dict:
+    """Pairwise accuracy (all, human rows, AI rows), calibration and reward statistics."""
+    from cai.blend import is_ai
+
+    prompts = [r["prompt"] for r in records]
+    chosen = scorer.score(prompts, [r["chosen"][0]["content"] for r in records])
+    rejected = scorer.score(prompts, [r["rejected"][0]["content"] for r in records])
+    rows = []
+    for record, c, rj in zip(records, chosen, rejected):
+        rows.append({"ai": is_ai(record), "correct": c > rj, "p_model": 1 / (1 + math.exp(-(c - rj))), "label": record["chosen_prob"]})
+
+    def accuracy(subset):
+        return round(sum(r["correct"] for r in subset) / len(subset), 4) if subset else None
+
+    # Expected calibration error of P(chosen > rejected) against the label probability.
+    ece, total = 0.0, len(rows)
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        in_bin = [r for r in rows if low <= r["p_model"] < high or (b == bins - 1 and r["p_model"] == 1.0)]
+        if in_bin:
+            confidence = sum(r["p_model"] for r in in_bin) / len(in_bin)
+            observed = sum(r["label"] for r in in_bin) / len(in_bin)
+            ece += len(in_bin) / total * abs(confidence - observed)
+    every = chosen + rejected
+    mean = sum(every) / len(every)
+    std = math.sqrt(sum((x - mean) ** 2 for x in every) / len(every))
+    return {
+        "pairs": total,
+        "accuracy": accuracy(rows),
+        "accuracy_human": accuracy([r for r in rows if not r["ai"]]),
+        "accuracy_ai": accuracy([r for r in rows if r["ai"]]),
+        "ece": round(ece, 4),
+        "reward_mean": round(mean, 4),
+        "reward_std": round(std, 4),
+        "reward_chosen_mean": round(sum(chosen) / len(chosen), 4),
+        "reward_rejected_mean": round(sum(rejected) / len(rejected), 4),
+    }
