@@ -375,6 +375,56 @@ def blend_command(
     print(f"train {summary['train']} rows, eval {summary['eval']} rows")
 
 
+@app.command("train-rm")
+def train_rm(
+    data: str = typer.Option(..., help="A blend directory (train.jsonl, eval.jsonl) or one preference file."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Backbone: builtin name, folder or hub id."),
+    out: str = typer.Option(..., help="Output directory (adapter/, metrics.json, checkpoints/)."),
+    quantization: str = typer.Option("none", help="none, 4bit (QLoRA nf4, double quant) or 8bit."),
+    lora_r: int = typer.Option(16),
+    lora_alpha: int = typer.Option(32),
+    learning_rate: float = typer.Option(1e-4),
+    epochs: float = typer.Option(1.0),
+    max_steps: int = typer.Option(-1),
+    batch_size: int = typer.Option(4),
+    gradient_accumulation_steps: int = typer.Option(1),
+    max_length: int = typer.Option(1024),
+    source_weight: list[str] = typer.Option([], help="Loss weight per source, e.g. --source-weight ai=0.5"),
+    hard_labels: bool = typer.Option(False, help="Ignore chosen_prob (p = 1 for every pair)."),
+    merge: bool = typer.Option(False, help="Also save a merged full model."),
+    threads: int = typer.Option(0),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a LoRA/QLoRA reward model on soft preference labels; evaluate on the held-out split."""
+    import json
+    from pathlib import Path
+
+    from cai.lora import LoraSettings
+    from cai.reward import RewardSettings, train_reward_model
+
+    weights = {}
+    for item in source_weight:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise CaiError(f"'{item}' must look like SOURCE=WEIGHT", field="--source-weight") from None
+    path = Path(data)
+    train_file = path / "train.jsonl" if path.is_dir() else path
+    eval_file = path / "eval.jsonl" if path.is_dir() else None
+    if not train_file.exists():
+        raise CaiError("no train.jsonl (run `cai blend` first, or pass a preference file)", source=str(path))
+    settings = RewardSettings(
+        lora=LoraSettings(r=lora_r, alpha=lora_alpha, quantization=quantization),  # type: ignore[arg-type]
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length, source_weights=weights,
+        hard_labels=hard_labels, merge=merge, threads=threads, seed=seed,
+    )
+    metrics = train_reward_model(train_file, model, out, settings, eval_file=eval_file)
+    metrics.pop("log_history")
+    print(json.dumps(metrics, indent=2))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

@@ -68,3 +68,16 @@ def prepare_quantized(model, gradient_checkpointing: bool):
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
+
+
+def match_trainable_dtype(model, dtype: torch.dtype) -> None:
+    """Cast trainable parameters to the compute dtype after a TRL trainer was built.
+
+    TRL (1.16) casts every trainable parameter of a quantised model to bf16, following the QLoRA
+    paper. With fp32 compute (the CPU path) the `score` head and LoRA layers then receive fp32
+    activations against bf16 weights and the first forward pass fails; keeping them in the
+    compute dtype fixes that and costs little memory (adapters are small).
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)

@@ -30,7 +30,7 @@ from torch import nn
 
 from cai import chat, models, runtime, store
 from cai.errors import CaiError
-from cai.lora import LoraSettings, peft_config, prepare_quantized, quantization_config
+from cai.lora import LoraSettings, match_trainable_dtype, peft_config, prepare_quantized, quantization_config
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,7 @@ def train_reward_model(
         processing_class=tokenizer,
         data_collator=Collator(pad_token_id=tokenizer.pad_token_id),
     )
+    match_trainable_dtype(trainer.model, runtime.model_dtype(device))
     dropped = len(train_dataset) - len(trainer.train_dataset)
     checkpoints = sorted((out_dir / "checkpoints").glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
