@@ -1,0 +1,194 @@
+"""Policy training on one GPU (or a CPU): SFT on revisions and DPO, both LoRA or QLoRA.
+
+    cai sft --data runs/critique/sft.jsonl --out runs/sft
+    cai dpo --data runs/blend --sft runs/sft --out runs/dpo
+
+Both wrap TRL's trainers; cai adds the model loading (4-bit/8-bit), CPU-aware defaults, data
+conversion and resume-from-checkpoint.
+
+SFT trains on the assistant answer only: the critique stage's `messages` rows are converted to
+TRL's prompt/completion form, for which SFTTrainer masks the prompt tokens. (Its
+`assistant_only_loss` needs `{% generation %}` markers that SmolLM2's chat template lacks.)
+
+DPO's reference model is the policy with its adapter disabled, so no second copy of the weights
+sits in memory. With a full-precision base the SFT adapter is merged in first, so the reference is
+the SFT model; with a quantised base (no merging into 4-bit weights) the SFT adapter itself is
+trained further and the reference is the base.
+
+Soft labels in DPO: `soft_labels="label_smoothing"` sets TRL's conservative-DPO label smoothing to
+1 - mean(chosen_prob) of the training set (each pair is treated as flipped with that
+probability); `"filter"` keeps only pairs with chosen_prob >= `min_chosen_prob` as hard labels;
+`"ignore"` uses every pair as a hard label.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cai import models, runtime, store
+from cai.errors import CaiError
+from cai.lora import LoraSettings, match_trainable_dtype, peft_config, prepare_quantized, quantization_config
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    seed: int = 0
+    save_steps: int = 50
+    threads: int = 0
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    train: TrainSettings = field(default_factory=TrainSettings)
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    soft_labels: Literal["label_smoothing", "filter", "ignore"] = "label_smoothing"
+    min_chosen_prob: float = 0.6
+
+
+def load_policy(model_name: str, settings: TrainSettings, device: str, adapter: str | None = None, trainable_adapter: bool = False):
+    """Base causal LM (quantised if asked) plus, optionally, an existing adapter.
+
+    Returns (model, tokenizer, peft_config_or_None): a config when a new adapter should be
+    created by the trainer, None when `model` already carries a trainable adapter.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cai.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_name, trust_remote_code=settings.trust_remote_code, padding_side="right")
+    dtype = runtime.model_dtype(device)
+    quant = quantization_config(settings.lora.quantization, dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code, use_safetensors=True)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": 0} if device == "cuda" else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(models.resolve(model_name), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CaiError(f"cannot load policy '{model_name}': {str(exc).splitlines()[0]}") from None
+    model = prepare_quantized(model, gradient_checkpointing=device == "cuda")
+    if adapter is None:
+        return model, tokenizer, peft_config(settings.lora, "CAUSAL_LM")
+    if quant is None and not trainable_adapter:
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        return merged, tokenizer, peft_config(settings.lora, "CAUSAL_LM")
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True), tokenizer, None
+
+
+def _common_args(settings: TrainSettings, out_dir: Path, device: str) -> dict:
+    return dict(
+        output_dir=str(out_dir / "checkpoints"),
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        seed=settings.seed,
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        **runtime.training_overrides(device),
+    )
+
+
+def _train_and_save(trainer, tokenizer, out_dir: Path, meta: dict, device: str) -> dict:
+    match_trainable_dtype(trainer.model, runtime.model_dtype(device))
+    checkpoints = sorted((out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    adapter_dir = out_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "cai-policy.json").write_text(json.dumps(meta, indent=2, default=str))
+    metrics = {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "log_history": [h for h in trainer.state.log_history if "loss" in h],
+        **{k: v for k, v in meta.items() if k != "settings"},
+    }
+    store.write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def sft_dataset(path: Path):
+    """critique-stage `messages` rows -> conversational prompt/completion (loss on the answer)."""
+    import datasets
+
+    rows = []
+    for number, row in enumerate(store.read_jsonl(path), 1):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
+            raise CaiError("needs 'messages' ending with an assistant answer", source=f"{path}:{number}")
+        rows.append({"prompt": messages[:-1], "completion": [messages[-1]]})
+    if not rows:
+        raise CaiError("has no rows", source=str(path))
+    return datasets.Dataset.from_list(rows)
+
+
+def train_sft(data: str | Path, model_name: str, out_dir: str | Path, settings: TrainSettings = TrainSettings()) -> dict:
+    from trl import SFTConfig, SFTTrainer
+
+    out_dir = Path(out_dir)
+    device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads))
+    dataset = sft_dataset(Path(data))
+    model, tokenizer, lora = load_policy(model_name, settings, device)
+    config = SFTConfig(max_length=settings.max_length, completion_only_loss=True, **_common_args(settings, out_dir, device))
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    meta = {"stage": "sft", "base_model": model_name, "rows": len(dataset), "settings": asdict(settings)}
+    return _train_and_save(trainer, tokenizer, out_dir, meta, device)
+
+
+def dpo_dataset(path: Path, settings: DPOSettings):
+    import datasets
+
+    from cai.data.importers import load_preferences
+
+    records, _ = load_preferences(str(path))
+    if settings.soft_labels == "filter":
+        records = [r for r in records if r["chosen_prob"] >= settings.min_chosen_prob]
+    if not records:
+        raise CaiError("no preference pairs left to train on", source=str(path))
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
+    mean_prob = sum(r["chosen_prob"] for r in records) / len(records)
+    return datasets.Dataset.from_list(rows), mean_prob
+
+
+def train_dpo(
+    data: str | Path, model_name: str, out_dir: str | Path, settings: DPOSettings = DPOSettings(), *, sft_adapter: str | None = None
+) -> dict:
+    from trl import DPOConfig, DPOTrainer
+
+    out_dir = Path(out_dir)
+    train = settings.train
+    device = runtime.apply(runtime.RuntimeSettings(threads=train.threads))
+    path = Path(data)
+    dataset, mean_prob = dpo_dataset(path / "train.jsonl" if path.is_dir() else path, settings)
+    label_smoothing = max(0.0, min(0.49, 1.0 - mean_prob)) if settings.soft_labels == "label_smoothing" else 0.0
+    model, tokenizer, lora = load_policy(model_name, train, device, adapter=sft_adapter)
+    config = DPOConfig(
+        beta=settings.beta,
+        loss_type=[settings.loss_type],
+        label_smoothing=label_smoothing,
+        max_length=train.max_length,
+        **_common_args(train, out_dir, device),
+    )
+    # ref_model=None with an adapter: TRL computes reference log-probs with the adapter disabled.
+    trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    meta = {
+        "stage": "dpo", "base_model": model_name, "sft_adapter": sft_adapter, "pairs": len(dataset),
+        "label_smoothing": label_smoothing, "mean_chosen_prob": mean_prob, "settings": asdict(settings),
+    }
+    return _train_and_save(trainer, tokenizer, out_dir, meta, device)

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+
+from cai.lora import LoraSettings
+from cai.policy import DPOSettings, TrainSettings, train_dpo, train_sft
+
+
+def small(**overrides):
+    base = dict(lora=LoraSettings(r=8, alpha=16, dropout=0.0), learning_rate=1e-2, batch_size=4, max_steps=12,
+                save_steps=1000, max_length=128)
+    base.update(overrides)
+    return TrainSettings(**base)
+
+
+def write_sft(path, n=8):
+    rows = [{"id": str(i), "messages": [{"role": "user", "content": f"Say hello {i}"}, {"role": "assistant", "content": "hello friend"}],
+             "provenance": {"stage": "critique"}} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_pairs(path, n=8, prob=1.0):
+    rows = [{"id": str(i), "prompt": [{"role": "user", "content": f"Question {i}?"}],
+             "chosen": [{"role": "assistant", "content": "yes please"}], "rejected": [{"role": "assistant", "content": "no way"}],
+             "chosen_prob": prob, "source": "ai", "provenance": {"stage": "label"}} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def completion_logprob(model, tokenizer, prompt, completion):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    prefix = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    full = tokenizer(text + completion, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(full).logits[0, :-1].float(), -1)
+    targets = full[0, 1:]
+    start = prefix.shape[1] - 1
+    return logprobs[start:].gather(-1, targets[start:, None]).sum().item()
+
+
+def load_with_adapter(base_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    return PeftModel.from_pretrained(model, str(adapter_dir)), AutoTokenizer.from_pretrained(base_dir)
+
+
+def test_sft_learns_the_answer_and_masks_the_prompt(tiny_causal_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metrics = train_sft(write_sft(tmp_path / "sft.jsonl"), str(tiny_causal_lm_dir), tmp_path / "sft", small())
+    losses = [h["loss"] for h in metrics["log_history"]]
+    assert losses[-1] < losses[0] * 0.5
+    base = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    tuned, _ = load_with_adapter(tiny_causal_lm_dir, tmp_path / "sft" / "adapter")
+    before = completion_logprob(base, tokenizer, "Say hello 3", "hello friend")
+    after = completion_logprob(tuned, tokenizer, "Say hello 3", "hello friend")
+    assert after > before + 5
+
+
+def test_dpo_moves_toward_chosen(tiny_causal_lm_dir, tmp_path):
+    metrics = train_dpo(write_pairs(tmp_path / "p.jsonl"), str(tiny_causal_lm_dir), tmp_path / "dpo", DPOSettings(train=small()))
+    tuned, tokenizer = load_with_adapter(tiny_causal_lm_dir, tmp_path / "dpo" / "adapter")
+    margin_after = completion_logprob(tuned, tokenizer, "Question 1?", "yes please") - completion_logprob(tuned, tokenizer, "Question 1?", "no way")
+    with tuned.disable_adapter():
+        margin_before = completion_logprob(tuned, tokenizer, "Question 1?", "yes please") - completion_logprob(tuned, tokenizer, "Question 1?", "no way")
+    assert margin_after > margin_before + 1
+    assert metrics["label_smoothing"] == 0.0 and metrics["log_history"][-1]["loss"] < metrics["log_history"][0]["loss"]
+
+
+def test_dpo_soft_labels_become_label_smoothing(tiny_causal_lm_dir, tmp_path):
+    metrics = train_dpo(write_pairs(tmp_path / "p.jsonl", prob=0.8), str(tiny_causal_lm_dir), tmp_path / "dpo",
+                        DPOSettings(train=small(max_steps=1)))
+    assert metrics["label_smoothing"] == pytest.approx(0.2)
+
+
+def test_reference_by_disabled_adapter_is_exactly_the_base(tiny_causal_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    train_dpo(write_pairs(tmp_path / "p.jsonl"), str(tiny_causal_lm_dir), tmp_path / "dpo", DPOSettings(train=small(max_steps=2)))
+    tuned, _ = load_with_adapter(tiny_causal_lm_dir, tmp_path / "dpo" / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad(), tuned.disable_adapter():
+        reference = tuned(ids).logits
+    assert torch.equal(reference, base(ids).logits)
+    with torch.no_grad():
+        assert not torch.allclose(tuned(ids).logits, reference)
+
+
+def test_dpo_on_top_of_sft_adapter_and_qlora(tiny_causal_lm_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    train_sft(write_sft(tmp_path / "sft.jsonl"), str(tiny_causal_lm_dir), tmp_path / "sft", small(max_steps=2))
+    metrics = train_dpo(write_pairs(tmp_path / "p.jsonl"), str(tiny_causal_lm_dir), tmp_path / "dpo",
+                        DPOSettings(train=small(max_steps=2)), sft_adapter=str(tmp_path / "sft" / "adapter"))
+    assert metrics["steps"] == 2
+    quantized = small(max_steps=2, lora=LoraSettings(r=4, alpha=8, dropout=0.0, quantization="4bit"))
+    assert train_sft(write_sft(tmp_path / "sft.jsonl"), str(tiny_causal_lm_dir), tmp_path / "qsft", quantized)["steps"] == 2
