@@ -1,0 +1,107 @@
+"""Online RL through TRL (GRPO, RLOO) with a cai reward model, and best-of-N sampling.
+
+    cai grpo --prompts prompts.jsonl --reward runs/rm --out runs/grpo [--method rloo]
+    cai best-of-n --prompts prompts.jsonl --reward runs/rm -n 4 --out runs/bon
+
+GRPO and RLOO are TRL's trainers as they are; cai supplies the reward function (a trained
+`RewardScorer`, which re-tokenises text so policy and reward model may use different tokenizers),
+LoRA/QLoRA loading and the CPU-aware defaults. Best-of-N samples n answers per prompt and keeps
+the one the reward model scores highest: no training, and the baseline any RL method should beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from cai import runtime, store
+from cai.durable import request_seed
+from cai.engines.base import ChatPrompt, Engine, SamplingSettings
+from cai.policy import TrainSettings, _common_args, _train_and_save, load_policy
+from cai.prompt_sets import Prompt
+from cai.reward import RewardScorer
+
+
+@dataclass(frozen=True)
+class OnlineSettings:
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-5, batch_size=4))
+    num_generations: int = 4
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    beta: float = 0.04  # KL to the reference (adapter disabled)
+
+
+def reward_function(scorer: RewardScorer):
+    """A TRL reward function: conversational prompts and completions in, one float each out."""
+
+    def cai_reward(prompts, completions, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        conversations = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        return scorer.score(conversations, texts)
+
+    return cai_reward
+
+
+def train_online(
+    prompts: Sequence[Prompt],
+    model_name: str,
+    scorer: RewardScorer,
+    out_dir: str | Path,
+    settings: OnlineSettings = OnlineSettings(),
+    *,
+    method: Literal["grpo", "rloo"] = "grpo",
+    sft_adapter: str | None = None,
+) -> dict:
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    out_dir = Path(out_dir)
+    train = settings.train
+    device = runtime.apply(runtime.RuntimeSettings(threads=train.threads))
+    model, tokenizer, lora = load_policy(model_name, train, device, adapter=sft_adapter)
+    tokenizer.padding_side = "left"
+    dataset = datasets.Dataset.from_list([{"prompt": list(p.messages)} for p in prompts])
+    config_class, trainer_class = (GRPOConfig, GRPOTrainer) if method == "grpo" else (RLOOConfig, RLOOTrainer)
+    common = _common_args(train, out_dir, device)
+    # TRL needs the batch to hold whole groups of generations.
+    common["per_device_train_batch_size"] = max(train.batch_size, settings.num_generations)
+    config = config_class(
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        **common,
+    )
+    trainer = trainer_class(model=model, args=config, reward_funcs=[reward_function(scorer)], train_dataset=dataset,
+                            processing_class=tokenizer, peft_config=lora)
+    meta = {"stage": method, "base_model": model_name, "sft_adapter": sft_adapter, "prompts": len(prompts), "settings": asdict(settings)}
+    return _train_and_save(trainer, tokenizer, out_dir, meta, device)
+
+
+def best_of_n(
+    engine: Engine,
+    scorer: RewardScorer,
+    prompts: Sequence[Prompt],
+    out_dir: str | Path,
+    *,
+    n: int = 4,
+    sampling: SamplingSettings = SamplingSettings(temperature=1.0, max_tokens=128),
+    adapter: str | None = None,
+    seed: int = 0,
+) -> dict:
+    sampling = SamplingSettings(**{**asdict(sampling), "n": n, "stop": tuple(sampling.stop)})
+    requests = [ChatPrompt.of(p.messages) for p in prompts]
+    generations = engine.generate(requests, sampling, adapter=adapter, seeds=[request_seed(p.id, seed) for p in prompts])
+    rows = []
+    for prompt, generation in zip(prompts, generations):
+        scores = scorer.score([list(prompt.messages)] * len(generation.texts), generation.texts)
+        best = max(range(len(scores)), key=scores.__getitem__)
+        rows.append({"id": prompt.id, "prompt": list(prompt.messages), "best": generation.texts[best], "best_score": scores[best],
+                     "candidates": generation.texts, "scores": scores})
+    store.write_jsonl_atomic(Path(out_dir) / "best_of_n.jsonl", rows)
+    summary = {"prompts": len(rows), "n": n,
+               "mean_best_score": sum(r["best_score"] for r in rows) / len(rows),
+               "mean_first_score": sum(r["scores"][0] for r in rows) / len(rows)}
+    store.write_json_atomic(Path(out_dir) / "summary.json", summary)
+    return summary
