@@ -39,8 +39,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
+# The main job: the CPU quickstart recipe end to end (offline, builtin SmolLM2). A rerun resumes or
+# skips finished stages; the report lands in runs/quickstart/report.html.
 demo: $(STAMP)
-	$(VENV)/bin/cai ask "How do I politely decline a meeting invitation?" --model smollm2-135m-instruct --max-tokens 96
+	$(VENV)/bin/cai run recipes/quickstart.yaml
 
 bench: $(STAMP)
 	$(PY) bench/generation.py

@@ -5,6 +5,7 @@ Run `cai --help`. User-fixable problems (`CaiError`) print as one line and exit 
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Optional
 
@@ -423,6 +424,133 @@ def train_rm(
     metrics = train_reward_model(train_file, model, out, settings, eval_file=eval_file)
     metrics.pop("log_history")
     print(json.dumps(metrics, indent=2))
+
+
+def _settings(cls, sets: list[str], what: str):
+    """A library settings dataclass from `--set key.sub=value` pairs (the recipe's own classes)."""
+    from cai import config
+
+    data = config.apply_overrides({}, sets)
+    try:
+        return config.from_dict(cls, data)
+    except config.ConfigError as exc:
+        raise CaiError(exc.message, field=".".join(map(str, [what, *exc.path]))) from None
+
+
+SET_HELP = "Settings as key=value (the recipe section's keys), e.g. --set learning_rate=1e-4 --set lora.r=8"
+
+
+@app.command()
+def sft(
+    data: str = typer.Option(..., help="sft.jsonl from `cai critique` (TRL messages rows)."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    out: str = typer.Option(...),
+    set: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Supervised fine-tuning on revisions (loss on the answer only), LoRA or QLoRA."""
+    from cai.policy import TrainSettings, train_sft
+
+    metrics = train_sft(data, model, out, _settings(TrainSettings, set, "sft"))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
+
+
+@app.command()
+def dpo(
+    data: str = typer.Option(..., help="A blend directory or a preference file."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    out: str = typer.Option(...),
+    sft_adapter: Optional[str] = typer.Option(None, "--sft", help="SFT adapter folder to start from."),
+    set: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """DPO with LoRA/QLoRA; the reference is the policy with its adapter disabled."""
+    from cai.policy import DPOSettings, train_dpo
+
+    metrics = train_dpo(data, model, out, _settings(DPOSettings, set, "dpo"), sft_adapter=sft_adapter)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
+
+
+@app.command()
+def ppo(
+    prompts: str = typer.Option(...),
+    reward: str = typer.Option(..., help="Reward model folder from `cai train-rm`."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    out: str = typer.Option(...),
+    sft_adapter: Optional[str] = typer.Option(None, "--sft"),
+    set: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """PPO against a reward model (cai's own implementation; TRL removed PPOTrainer)."""
+    from cai.ppo import PPOSettings, PPOTrainer
+    from cai.prompt_sets import load_prompts
+    from cai.reward import RewardScorer
+
+    settings = _settings(PPOSettings, set, "ppo")
+    scorer = RewardScorer.load(reward, threads=settings.threads)
+    loaded = [list(p.messages) for p in load_prompts(prompts)]
+    PPOTrainer(model, scorer.score, loaded, out, settings, sft_adapter=sft_adapter).train()
+
+
+def _online_command(method: str):
+    def command(
+        prompts: str = typer.Option(...),
+        reward: str = typer.Option(..., help="Reward model folder from `cai train-rm`."),
+        model: str = typer.Option("smollm2-135m-instruct"),
+        out: str = typer.Option(...),
+        sft_adapter: Optional[str] = typer.Option(None, "--sft"),
+        set: list[str] = typer.Option([], "--set", help=SET_HELP),
+    ) -> None:
+        from cai.online import OnlineSettings, train_online
+        from cai.prompt_sets import load_prompts
+        from cai.reward import RewardScorer
+
+        settings = _settings(OnlineSettings, set, method)
+        metrics = train_online(load_prompts(prompts), model, RewardScorer.load(reward), out, settings, method=method,
+                               sft_adapter=sft_adapter)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
+
+    command.__doc__ = f"{method.upper()} through TRL with the reward model as reward function."
+    return command
+
+
+app.command("grpo")(_online_command("grpo"))
+app.command("rloo")(_online_command("rloo"))
+
+
+@app.command("best-of-n")
+def best_of_n_command(
+    prompts: str = typer.Option(...),
+    reward: str = typer.Option(...),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    out: str = typer.Option(...),
+    n: int = typer.Option(4, "-n"),
+    max_tokens: int = typer.Option(128),
+    engine: str = typer.Option("auto"),
+    threads: int = typer.Option(0),
+) -> None:
+    """Sample n answers per prompt and keep the one the reward model scores highest."""
+    from cai.engines import SamplingSettings
+    from cai.online import best_of_n
+    from cai.prompt_sets import load_prompts
+    from cai.reward import RewardScorer
+
+    summary = best_of_n(_engine_for(model, engine, threads), RewardScorer.load(reward), load_prompts(prompts), out, n=n,
+                        sampling=SamplingSettings(temperature=1.0, max_tokens=max_tokens))
+    print(json.dumps(summary, indent=2))
+
+
+@app.command()
+def run(
+    recipe: str = typer.Argument(..., help="Recipe YAML, e.g. recipes/quickstart.yaml"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. critique.settings.rounds=1"),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Rerun from this stage on."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run only this stage."),
+) -> None:
+    """Run a recipe's stages in order; unchanged finished stages are skipped."""
+    from cai.recipe import load_recipe
+    from cai.run import RecipeRunner
+
+    loaded = load_recipe(recipe, overrides or [])
+    timings = RecipeRunner(loaded).run(from_stage=from_stage, only=only)
+    print(json.dumps({"stage_seconds": timings, "output_dir": str(loaded.out)}, indent=2))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

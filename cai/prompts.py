@@ -25,7 +25,7 @@ import jinja2
 from cai.errors import CaiError
 from cai.paths import shipped_dir
 
-TEMPLATE_NAMES = ("initial", "critique", "revision", "preference", "preference_cot", "score")
+TEMPLATE_NAMES = ("initial", "critique", "revision", "preference", "preference_cot", "score", "judge")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def test_override_directory_changes_hash(tmp_path):
     assert custom.hash("critique") != shipped.hash("critique")
     assert custom.hash("revision") == shipped.hash("revision")
     assert len(shipped.hash()) == 16 and set(TEMPLATE_NAMES) == {
-        "initial", "critique", "revision", "preference", "preference_cot", "score"}
+        "initial", "critique", "revision", "preference", "preference_cot", "score", "judge"}
 
 
 def test_template_syntax_error_names_file(tmp_path):

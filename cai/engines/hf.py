@@ -87,6 +87,9 @@ class HFEngine:
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, path: str) -> None:
         """Attach a LoRA adapter without merging; select it per call with `adapter=`."""
+        if adapter_name in self._adapters:  # a retrained adapter under the same name replaces the old one
+            self.lm.delete_adapter(adapter_name)
+            self._adapters.discard(adapter_name)
         try:
             self.lm.load_adapter(path, adapter_name=adapter_name)
         except (OSError, ValueError) as exc:

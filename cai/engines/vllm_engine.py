@@ -113,7 +113,9 @@ class VLLMEngine:
             raise CaiError("the vLLM engine was started without LoRA support", field="engine.enable_lora")
         if not os.path.isdir(path):
             raise CaiError("LoRA adapter folder does not exist", source=path)
-        self._adapters[adapter_name] = (len(self._adapters) + 1, path)
+        # vLLM caches adapters by integer id, so a re-added name gets a fresh id.
+        self._lora_ids = getattr(self, "_lora_ids", 0) + 1
+        self._adapters[adapter_name] = (self._lora_ids, path)
 
     def _lora(self, adapter: str | None):
         if adapter is None:

@@ -1,0 +1,142 @@
+"""The run report: `report.md` and a self-contained `report.html` with inline SVG figures.
+
+Figures (no plotting library needed; each is a small SVG written here):
+reward distributions of baseline vs policy, win rates with 95% intervals, response length drift,
+and training curves (reward-model loss, policy loss or PPO reward/KL).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from cai import store
+
+W, H, PAD = 560, 260, 40
+COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756"]
+
+
+def _svg(title: str, body: str) -> str:
+    return (f'<figure><svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" '
+            f'aria-label="{html.escape(title)}"><rect width="{W}" height="{H}" fill="white"/>'
+            f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14" font-family="sans-serif">{html.escape(title)}</text>'
+            f'{body}</svg><figcaption>{html.escape(title)}</figcaption></figure>')
+
+
+def histogram(title: str, series: dict[str, list[float]], bins: int = 12) -> str:
+    values = [v for vs in series.values() for v in vs]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    width = (high - low) / bins or 1.0
+    counts = {name: [0] * bins for name in series}
+    for name, vs in series.items():
+        for v in vs:
+            counts[name][min(bins - 1, int((v - low) / width))] += 1
+    top = max(max(c) for c in counts.values()) or 1
+    bar = (W - 2 * PAD) / bins / len(series)
+    body = ""
+    for s_index, (name, cs) in enumerate(counts.items()):
+        for b, count in enumerate(cs):
+            h = (H - 2 * PAD) * count / top
+            x = PAD + b * bar * len(series) + s_index * bar
+            body += f'<rect x="{x:.1f}" y="{H - PAD - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" fill="{COLOURS[s_index]}"/>'
+        body += f'<text x="{W - PAD - 120}" y="{40 + 16 * s_index}" font-size="12" fill="{COLOURS[s_index]}" font-family="sans-serif">{html.escape(name)}</text>'
+    body += f'<text x="{PAD}" y="{H - 10}" font-size="11" font-family="sans-serif">{low:.2f}</text>'
+    body += f'<text x="{W - PAD}" y="{H - 10}" font-size="11" text-anchor="end" font-family="sans-serif">{high:.2f}</text>'
+    return _svg(title, body)
+
+
+def bars_with_intervals(title: str, items: list[tuple[str, float, tuple[float, float]]]) -> str:
+    if not items:
+        return ""
+    slot = (W - 2 * PAD) / len(items)
+    body = f'<line x1="{PAD}" x2="{W - PAD}" y1="{H - PAD - (H - 2 * PAD) * 0.5:.1f}" y2="{H - PAD - (H - 2 * PAD) * 0.5:.1f}" stroke="#999" stroke-dasharray="4"/>'
+    for index, (label, value, (low, high)) in enumerate(items):
+        x = PAD + index * slot + slot * 0.2
+        h = (H - 2 * PAD) * value
+        body += f'<rect x="{x:.1f}" y="{H - PAD - h:.1f}" width="{slot * 0.6:.1f}" height="{h:.1f}" fill="{COLOURS[index % 4]}"/>'
+        centre = x + slot * 0.3
+        y_low, y_high = H - PAD - (H - 2 * PAD) * low, H - PAD - (H - 2 * PAD) * high
+        body += f'<line x1="{centre:.1f}" x2="{centre:.1f}" y1="{y_low:.1f}" y2="{y_high:.1f}" stroke="black"/>'
+        body += f'<text x="{centre:.1f}" y="{H - PAD + 14}" text-anchor="middle" font-size="11" font-family="sans-serif">{html.escape(label)}</text>'
+        body += f'<text x="{centre:.1f}" y="{H - PAD - h - 4:.1f}" text-anchor="middle" font-size="11" font-family="sans-serif">{value:.2f}</text>'
+    return _svg(title, body)
+
+
+def lines(title: str, series: dict[str, list[float]]) -> str:
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return ""
+    body = ""
+    for index, (name, values) in enumerate(series.items()):
+        low, high = min(values), max(values)
+        span = (high - low) or 1.0
+        step = (W - 2 * PAD) / max(1, len(values) - 1)
+        points = " ".join(f"{PAD + i * step:.1f},{H - PAD - (H - 2 * PAD) * (v - low) / span:.1f}" for i, v in enumerate(values))
+        body += f'<polyline fill="none" stroke="{COLOURS[index % 4]}" stroke-width="2" points="{points}"/>'
+        body += f'<text x="{PAD + 8}" y="{40 + 16 * index}" font-size="12" fill="{COLOURS[index % 4]}" font-family="sans-serif">{html.escape(name)} ({low:.3g} to {high:.3g})</text>'
+    return _svg(title, body)
+
+
+def _metrics(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_report(out: Path, stages: list[str]) -> Path:
+    out = Path(out)
+    evaluation = _metrics(out / "eval" / "metrics.json")
+    figures, rows = [], []
+    if "reward" in evaluation:
+        figures.append(histogram("Reward-model scores: baseline vs policy", {
+            "baseline": evaluation["reward"]["baseline"], "policy": evaluation["reward"]["policy"]}))
+    wins = []
+    for key, label in (("win_rate_reward_model", "RM"), ("win_rate_labeller", "labeller")):
+        for subset in ("all", "red_team", "benign"):
+            entry = evaluation.get(key, {}).get(subset)
+            if entry and entry["rate"] is not None:
+                wins.append((f"{label} {subset}", entry["rate"], tuple(entry["ci95"])))
+    figures.append(bars_with_intervals("Policy win rate against the baseline (95% CI)", wins))
+    if "mean_length" in evaluation:
+        length = evaluation["mean_length"]
+        top = max(length.values()) or 1
+        figures.append(bars_with_intervals("Mean response length, tokens (scaled to the longer)",
+                                           [(k, v / top, (v / top, v / top)) for k, v in length.items()]))
+    curves = {}
+    for stage in ("rm", "sft", "dpo", "grpo", "rloo"):
+        history = _metrics(out / stage / "metrics.json").get("log_history", [])
+        if history:
+            curves[f"{stage} loss"] = [h["loss"] for h in history if "loss" in h]
+    ppo = _metrics(out / "ppo" / "metrics.json").get("history", [])
+    if ppo:
+        curves["ppo reward"] = [h["reward"] for h in ppo]
+        curves["ppo kl"] = [h["kl"] for h in ppo]
+    figures.append(lines("Training curves", curves))
+    timings = {s: _metrics(out / s / "done.json").get("seconds") for s in stages}
+    for name in ("harmless_rate_baseline", "harmless_rate_policy", "over_refusal_rate_baseline", "over_refusal_rate_policy"):
+        if name in evaluation:
+            rows.append((name, evaluation[name]["rate"], evaluation[name]["ci95"]))
+    for key, label in (("win_rate_reward_model", "win rate (reward model)"), ("win_rate_labeller", "win rate (AI labeller, both orders)")):
+        if key in evaluation:
+            rows.append((label, evaluation[key]["all"]["rate"], evaluation[key]["all"]["ci95"]))
+    if "kl_to_reference" in evaluation:
+        rows.append(("KL to reference (nats/response)", evaluation["kl_to_reference"], None))
+    if "mean_length" in evaluation:
+        rows.append(("mean length policy / baseline", f"{evaluation['mean_length']['policy']:.1f} / {evaluation['mean_length']['baseline']:.1f}", None))
+
+    md = [f"# cai run report: {out.name}", "", f"Policy: `{evaluation.get('policy_stage')}` against baseline `{evaluation.get('baseline')}`.", "",
+          "| metric | value | 95% CI |", "|---|---|---|"]
+    md += [f"| {name} | {value} | {ci if ci else ''} |" for name, value, ci in rows]
+    md += ["", "| stage | seconds |", "|---|---|"] + [f"| {s} | {t} |" for s, t in timings.items()]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    table = "".join(f"<tr><td>{html.escape(str(n))}</td><td>{html.escape(str(v))}</td><td>{html.escape(str(c or ''))}</td></tr>" for n, v, c in rows)
+    timing_rows = "".join(f"<tr><td>{s}</td><td>{t}</td></tr>" for s, t in timings.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cai report: {html.escape(out.name)}</title>"
+            "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
+            "figure{margin:1em 0}</style></head><body>"
+            f"<h1>cai run report: {html.escape(out.name)}</h1><table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{table}</table>"
+            f"{''.join(f for f in figures if f)}<h2>Stage times (s)</h2><table>{timing_rows}</table></body></html>")
+    path = out / "report.html"
+    path.write_text(page)
+    return path

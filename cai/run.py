@@ -1,0 +1,254 @@
+"""`cai run RECIPE`: run a recipe's stages in order, each into `<output_dir>/<stage>/`.
+
+A stage is skipped when it finished before with the same fingerprint: its own section of the
+recipe, the settings shared by every stage (model, constitution, seed, engine), and the
+fingerprints of the stages before it (a changed upstream stage reruns everything after it). Each
+finished stage writes `done.json` with its fingerprint, wall time and summary; generating stages
+also resume mid-way from their own work logs, training stages from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from cai import store
+from cai.errors import CaiError
+from cai.recipe import POLICY_STAGES, STAGES, PromptSource, Recipe, resolve_path
+
+
+def _load_prompt_sources(sources: list[PromptSource], what: str):
+    from cai.prompt_sets import load_prompts
+
+    if not sources:
+        raise CaiError(f"needs at least one prompt source", field=f"{what}.prompts")
+    prompts = []
+    for source in sources:
+        prompts += load_prompts(resolve_path(source.path), columns=source.columns, limit=source.limit)
+    return prompts
+
+
+class RecipeRunner:
+    def __init__(self, recipe: Recipe, *, log: Callable[[str], None] = print):
+        self.recipe = recipe
+        self.out = recipe.out
+        self.log = log
+        self._fingerprints: dict[str, str] = {}
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def fingerprint(self, stage: str) -> str:
+        r = self.recipe
+        shared = {"model": r.model, "constitution": r.constitution, "seed": r.seed, "engine": dataclasses.asdict(r.engine)}
+        upstream = [self._fingerprints[s] for s in r.stages if s in self._fingerprints and STAGES.index(s) < STAGES.index(stage)]
+        section = dataclasses.asdict(getattr(r, stage))
+        return store.stable_id(stage, shared, section, upstream)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def is_done(self, stage: str) -> bool:
+        done = self.stage_dir(stage) / "done.json"
+        if not done.exists():
+            return False
+        try:
+            return json.loads(done.read_text())["fingerprint"] == self.fingerprint(stage)
+        except (json.JSONDecodeError, KeyError):
+            return False
+
+    def run(self, *, from_stage: str | None = None, only: str | None = None) -> dict:
+        stages = self.recipe.stages
+        for name, value in (("--from", from_stage), ("--only", only)):
+            if value is not None and value not in stages:
+                raise CaiError(f"stage '{value}' is not in this recipe ({', '.join(stages)})", field=name)
+        self.out.mkdir(parents=True, exist_ok=True)
+        timings = {}
+        start_index = stages.index(from_stage) if from_stage else 0
+        for index, stage in enumerate(stages):
+            fingerprint = self.fingerprint(stage)
+            self._fingerprints[stage] = fingerprint
+            selected = (only is None or stage == only) and index >= start_index
+            if not selected:
+                continue
+            forced = only == stage or from_stage == stage
+            if self.is_done(stage) and not forced:
+                self.log(f"[{stage}] unchanged since its last run: skipped")
+                continue
+            self.log(f"[{stage}] running -> {self.stage_dir(stage)}")
+            began = time.perf_counter()
+            summary = getattr(self, f"_{stage}")()
+            seconds = round(time.perf_counter() - began, 1)
+            timings[stage] = seconds
+            store.write_json_atomic(self.stage_dir(stage) / "done.json",
+                                    {"fingerprint": fingerprint, "seconds": seconds, "summary": summary})
+            self.log(f"[{stage}] done in {seconds} s")
+        if "eval" in stages and (self.stage_dir("eval") / "metrics.json").exists():
+            from cai.report import write_report
+
+            write_report(self.out, self.recipe.stages)
+        return timings
+
+    # -- shared objects -------------------------------------------------------------------------------
+    def engine(self, model: str | None = None, adapters: dict[str, str] | None = None):
+        from cai.engines import get_engine
+
+        settings = dataclasses.replace(self.recipe.engine, threads=self.recipe.engine.threads or self.recipe.threads,
+                                       enable_lora=self.recipe.engine.enable_lora or "sft" in self.recipe.stages or any(s in self.recipe.stages for s in POLICY_STAGES),
+                                       trust_remote_code=self.recipe.trust_remote_code)
+        return get_engine(model or self.recipe.model, settings, adapters)
+
+    def constitution(self):
+        from cai.constitution import load_constitution
+
+        return load_constitution(resolve_path(self.recipe.constitution))
+
+    def adapter(self, stage: str) -> str | None:
+        path = self.stage_dir(stage) / "adapter"
+        return str(path) if stage in self.recipe.stages and path.is_dir() else None
+
+    def policy_stage(self) -> str | None:
+        trained = [s for s in POLICY_STAGES if s in self.recipe.stages]
+        return trained[-1] if trained else None
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def _critique(self) -> dict:
+        from cai.critique import CritiqueRun
+        from cai.prompts import PromptSet
+
+        section = self.recipe.critique
+        settings = dataclasses.replace(section.settings, seed=self.recipe.seed)
+        run = CritiqueRun(self.engine(), self.constitution(), _load_prompt_sources(section.prompts, "critique"),
+                          PromptSet(section.prompt_dir), self.stage_dir("critique"), settings, overwrite=True)
+        summary = dataclasses.asdict(run.run())
+        summary.pop("stages")
+        return summary
+
+    def _sft(self) -> dict:
+        from cai.policy import train_sft
+
+        settings = dataclasses.replace(self.recipe.sft.settings, threads=self.recipe.threads, seed=self.recipe.seed)
+        metrics = train_sft(self.stage_dir("critique") / "sft.jsonl", self.recipe.model, self.stage_dir("sft"), settings)
+        return {k: v for k, v in metrics.items() if k != "log_history"}
+
+    def _sample(self) -> dict:
+        from cai.sampling import SampleSettings, run_sampling
+
+        section = self.recipe.sample
+        sft = self.adapter("sft") if section.use_sft else None
+        engine = self.engine(adapters={"sft": sft} if sft else None)
+        settings = SampleSettings(k=section.k, seed=self.recipe.seed, sampling=section.sampling)
+        return run_sampling(engine, _load_prompt_sources(section.prompts, "sample"), self.stage_dir("sample"), settings,
+                            adapter="sft" if sft else None, adapter_path=sft, overwrite=True)
+
+    def _label(self) -> dict:
+        from cai.labeling import LabelRun, pairs_from_responses
+        from cai.prompts import PromptSet
+
+        section = self.recipe.label
+        rows = list(store.read_jsonl(self.stage_dir("sample") / "responses.jsonl"))
+        settings = dataclasses.replace(section.settings, seed=self.recipe.seed)
+        pairs = pairs_from_responses(rows, settings.pairing)
+        return LabelRun(self.engine(section.model), self.constitution(), pairs, PromptSet(), self.stage_dir("label"),
+                        settings, overwrite=True).run()
+
+    def _blend(self) -> dict:
+        from cai.blend import SourceSpec, blend
+
+        section = self.recipe.blend
+        sources = [SourceSpec(resolve_path(s.path), s.weight) for s in section.sources]
+        if section.include_ai_labels and "label" in self.recipe.stages:
+            sources.append(SourceSpec(str(self.stage_dir("label") / "preferences.jsonl"), section.ai_weight))
+        if section.include_critique_pairs and "critique" in self.recipe.stages:
+            sources.append(SourceSpec(str(self.stage_dir("critique") / "preferences.jsonl"), section.critique_weight))
+        sources = [s for s in sources if Path(s.path).exists() and Path(s.path).stat().st_size > 0]
+        if not sources:
+            raise CaiError("nothing to blend: no AI labels, critique pairs or extra sources", field="blend")
+        return blend(sources, self.stage_dir("blend"), by=section.by, eval_fraction=section.eval_fraction, seed=self.recipe.seed)
+
+    def _rm(self) -> dict:
+        from cai.reward import train_reward_model
+
+        section = self.recipe.rm
+        settings = dataclasses.replace(section.settings, threads=self.recipe.threads, seed=self.recipe.seed)
+        blend_dir = self.stage_dir("blend")
+        metrics = train_reward_model(blend_dir / "train.jsonl", section.model or self.recipe.model, self.stage_dir("rm"),
+                                     settings, eval_file=blend_dir / "eval.jsonl")
+        return {k: v for k, v in metrics.items() if k != "log_history"}
+
+    def _dpo(self) -> dict:
+        from cai.policy import train_dpo
+
+        train = dataclasses.replace(self.recipe.dpo.settings.train, threads=self.recipe.threads, seed=self.recipe.seed)
+        settings = dataclasses.replace(self.recipe.dpo.settings, train=train)
+        metrics = train_dpo(self.stage_dir("blend"), self.recipe.model, self.stage_dir("dpo"), settings, sft_adapter=self.adapter("sft"))
+        return {k: v for k, v in metrics.items() if k != "log_history"}
+
+    def _scorer(self):
+        from cai.reward import RewardScorer
+
+        if "rm" not in self.recipe.stages:
+            raise CaiError("this stage needs a reward model: add 'rm' to the stages", field="stages")
+        return RewardScorer.load(self.stage_dir("rm"), threads=self.recipe.threads)
+
+    def _ppo(self) -> dict:
+        from cai.ppo import PPOTrainer
+
+        section = self.recipe.ppo
+        settings = dataclasses.replace(section.settings, threads=self.recipe.threads, seed=self.recipe.seed)
+        prompts = [list(p.messages) for p in _load_prompt_sources(section.prompts, "ppo")]
+        history = PPOTrainer(self.recipe.model, self._scorer().score, prompts, self.stage_dir("ppo"), settings,
+                             sft_adapter=self.adapter("sft")).train(log=self.log)
+        return {"steps": len(history), "first_reward": history[0]["reward"], "last_reward": history[-1]["reward"], "last_kl": history[-1]["kl"]}
+
+    def _online(self, method: str) -> dict:
+        from cai.online import train_online
+
+        section = getattr(self.recipe, method)
+        train = dataclasses.replace(section.settings.train, threads=self.recipe.threads, seed=self.recipe.seed)
+        settings = dataclasses.replace(section.settings, train=train)
+        metrics = train_online(_load_prompt_sources(section.prompts, method), self.recipe.model, self._scorer(),
+                               self.stage_dir(method), settings, method=method, sft_adapter=self.adapter("sft"))
+        return {k: v for k, v in metrics.items() if k != "log_history"}
+
+    def _grpo(self) -> dict:
+        return self._online("grpo")
+
+    def _rloo(self) -> dict:
+        return self._online("rloo")
+
+    def _best_of_n(self) -> dict:
+        from cai.online import best_of_n
+
+        section = self.recipe.best_of_n
+        sft = self.adapter("sft")
+        return best_of_n(self.engine(adapters={"sft": sft} if sft else None), self._scorer(),
+                         _load_prompt_sources(section.prompts, "best_of_n"), self.stage_dir("best_of_n"), n=section.n,
+                         sampling=section.sampling, adapter="sft" if sft else None, seed=self.recipe.seed)
+
+    def _eval(self) -> dict:
+        from cai.evaluation import evaluate_policy
+
+        section = self.recipe.eval
+        policy_stage = self.policy_stage()
+        policy = self.adapter(policy_stage) if policy_stage else None
+        baseline = self.adapter("sft")
+        if policy is None:
+            raise CaiError("eval needs a trained policy: add dpo, ppo, grpo or rloo to the stages", field="stages")
+        adapters = {"policy": policy, **({"baseline": baseline} if baseline else {})}
+        engine = self.engine(adapters=adapters)
+        judge = self.engine(section.judge_model)
+        scorer = self._scorer() if "rm" in self.recipe.stages else None
+        metrics = evaluate_policy(
+            engine, judge, self.constitution(), _load_prompt_sources(section.red_team, "eval.red_team"),
+            _load_prompt_sources(section.benign, "eval.benign"), self.stage_dir("eval"),
+            policy_adapter="policy", baseline_adapter="baseline" if baseline else None, scorer=scorer,
+            model_name=self.recipe.model, policy_adapter_path=policy, max_tokens=section.max_tokens,
+            harm_question=section.harm_question, refusal_question=section.refusal_question,
+            preference=section.preference, seed=self.recipe.seed,
+        )
+        metrics["policy_stage"] = policy_stage
+        metrics["baseline"] = "sft" if baseline else "base"
+        store.write_json_atomic(self.stage_dir("eval") / "metrics.json", metrics)
+        return {k: v for k, v in metrics.items() if k != "reward"}
