@@ -553,6 +553,22 @@ def run(
     print(json.dumps({"stage_seconds": timings, "output_dir": str(loaded.out)}, indent=2))
 
 
+@app.command("eval")
+def eval_command(
+    recipe: str = typer.Argument(..., help="The recipe whose trained policy to evaluate."),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. eval.max_tokens=256"),
+) -> None:
+    """Evaluate a recipe's trained policy against its SFT/base baseline and write the report."""
+    from cai.recipe import load_recipe
+    from cai.run import RecipeRunner
+
+    loaded = load_recipe(recipe, overrides or [])
+    if "eval" not in loaded.stages:
+        raise CaiError("the recipe has no 'eval' stage", source=recipe, field="stages")
+    RecipeRunner(loaded).run(only="eval")
+    print((loaded.out / "report.md").read_text())
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

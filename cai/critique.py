@@ -195,6 +195,10 @@ class CritiqueRun:
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> CritiqueSummary:
+        with store.RunLock(self.out_dir):
+            return self._run()
+
+    def _run(self) -> CritiqueSummary:
         started = time.perf_counter()
         resumed = store.prepare_run_dir(self.out_dir, self.fingerprint(), overwrite=self.overwrite)
         work = self.out_dir / "work"

@@ -200,6 +200,10 @@ class LabelRun:
 
     # -- the run --------------------------------------------------------------------------------------
     def run(self) -> dict:
+        with store.RunLock(self.out_dir):
+            return self._run()
+
+    def _run(self) -> dict:
         resumed = store.prepare_run_dir(self.out_dir, self.fingerprint(), overwrite=self.overwrite)
         worklog = store.WorkLog(self.out_dir / "work" / "labels.jsonl")
         done = worklog.read()

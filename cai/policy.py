@@ -116,6 +116,7 @@ def _train_and_save(trainer, tokenizer, out_dir: Path, meta: dict, device: str) 
     metrics = {
         "train_loss": result.training_loss,
         "steps": result.global_step,
+        "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
         "log_history": [h for h in trainer.state.log_history if "loss" in h],
         **{k: v for k, v in meta.items() if k != "settings"},
     }

@@ -59,6 +59,11 @@ class RecipeRunner:
             return False
 
     def run(self, *, from_stage: str | None = None, only: str | None = None) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with store.RunLock(self.out):
+            return self._run(from_stage, only)
+
+    def _run(self, from_stage: str | None, only: str | None) -> dict:
         stages = self.recipe.stages
         for name, value in (("--from", from_stage), ("--only", only)):
             if value is not None and value not in stages:
@@ -92,11 +97,20 @@ class RecipeRunner:
 
     # -- shared objects -------------------------------------------------------------------------------
     def engine(self, model: str | None = None, adapters: dict[str, str] | None = None):
+        """The recipe's engine; work with LoRA adapters goes to `adapter_engine` (see Recipe)."""
+        import torch
+
         from cai.engines import get_engine
 
         settings = dataclasses.replace(self.recipe.engine, threads=self.recipe.engine.threads or self.recipe.threads,
-                                       enable_lora=self.recipe.engine.enable_lora or "sft" in self.recipe.stages or any(s in self.recipe.stages for s in POLICY_STAGES),
                                        trust_remote_code=self.recipe.trust_remote_code)
+        choice = self.recipe.adapter_engine
+        adapters_on_hf = choice == "hf" or (choice == "auto" and not torch.cuda.is_available())
+        if adapters and adapters_on_hf:
+            settings = dataclasses.replace(settings, kind="hf")
+        elif not adapters_on_hf and any(s in self.recipe.stages for s in ("sft", *POLICY_STAGES)):
+            # One engine serves base and adapters: start it with LoRA slots from the first stage on.
+            settings = dataclasses.replace(settings, enable_lora=True)
         return get_engine(model or self.recipe.model, settings, adapters)
 
     def constitution(self):

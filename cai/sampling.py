@@ -45,6 +45,11 @@ def run_sampling(
     show_progress: bool = True,
 ) -> dict:
     out_dir = Path(out_dir)
+    with store.RunLock(out_dir):
+        return _run_sampling(engine, prompts, out_dir, settings, adapter, adapter_path, overwrite, show_progress)
+
+
+def _run_sampling(engine, prompts, out_dir: Path, settings: SampleSettings, adapter, adapter_path, overwrite, show_progress) -> dict:
     sampling = SamplingSettings(**{**asdict(settings.sampling), "n": settings.k, "stop": tuple(settings.sampling.stop)})
     fingerprint = {
         "stage": "sample",

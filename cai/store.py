@@ -68,6 +68,14 @@ class WorkLog:
             raise CaiError(f"cannot write work log: {exc.strerror or exc}", source=str(self.path)) from None
 
 
+def _clear(directory: Path) -> None:
+    """Empty a directory, keeping the run lock held by this process."""
+    for entry in directory.iterdir():
+        if entry.name == ".cai.lock":
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
     """Write all rows to `path` via a temporary file and rename; returns the row count."""
     path = Path(path)
@@ -130,11 +138,59 @@ def prepare_run_dir(out_dir: Path, fingerprint: dict, *, overwrite: bool) -> boo
                 "use another output directory or pass --overwrite",
                 source=str(out_dir),
             )
-        shutil.rmtree(out_dir)
-    elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        _clear(out_dir)
+    elif out_dir.exists() and any(p.name != ".cai.lock" for p in out_dir.iterdir()) and not overwrite:
         raise CaiError("exists and is not a cai run directory; pass --overwrite to replace it", source=str(out_dir))
     elif out_dir.exists() and overwrite:
-        shutil.rmtree(out_dir)
+        _clear(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(manifest, {"fingerprint": fingerprint})
     return False
+
+
+class RunLock:
+    """An exclusive lock on an output directory: `<dir>/.cai.lock` holding the owner's pid.
+
+    A second run pointed at the same directory stops with a message naming the owner. A lock
+    left by a process that no longer exists (killed, crashed) is stale and is taken over.
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / ".cai.lock"
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner != os.getpid() and _alive(owner):
+                    raise CaiError(f"is in use by another cai run (pid {owner}); wait for it or stop it",
+                                   source=str(self.path.parent)) from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            return self
+        raise CaiError("could not take the run lock", source=str(self.path))
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or "0") or None
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self._owner() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

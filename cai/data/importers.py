@@ -104,14 +104,14 @@ def load_preferences(
 def detect_format(row: Any, source: str) -> str:
     if not isinstance(row, dict):
         raise CaiError("rows must be objects", source=source)
-    keys = set(row)
+    keys = {str(key) for key in row}  # CSV rows with extra fields carry a None key
     if _CAI_KEYS <= keys:
         return "cai"
     if {"chosen", "rejected"} <= keys and "prompt" not in keys:
         if isinstance(row["chosen"], str) and "Assistant:" in row["chosen"]:
             return "hh"
     if {"prompt", "chosen", "rejected"} <= keys:
-        if "score_chosen" in keys or (isinstance(row["chosen"], list) and row["chosen"] and row["chosen"][0].get("role") == "user"):
+        if "score_chosen" in keys or _starts_with_user(row["chosen"]):
             return "ultrafeedback"
         return "trl"
     raise CaiError(
@@ -119,6 +119,10 @@ def detect_format(row: Any, source: str) -> str:
         "TRL (prompt/chosen/rejected) or UltraFeedback; or pass a column map",
         source=source,
     )
+
+
+def _starts_with_user(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and value[0].get("role") == "user"
 
 
 # -- readers ---------------------------------------------------------------------------------------

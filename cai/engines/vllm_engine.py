@@ -98,6 +98,12 @@ class VLLMEngine:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max(2, len(adapters or {})))
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # Per-request seeds (what makes resumed runs reproducible) crash vLLM's CPU worker when
+            # a prompt's prefill is split across steps: it rewinds a CUDA-only generator offset.
+            # Whole-prompt prefill avoids the split; the batch budget must then hold a full prompt.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
         if quantization:
             kwargs["quantization"] = quantization
         try:

@@ -1,0 +1,92 @@
+"""Per-step cost of the policy trainers on the builtin SmolLM2 (CPU) or any model (GPU).
+
+    .venv/bin/python bench/policy.py --task sft|dpo|ppo|grpo|rloo [--steps 6] [--quantization none|4bit]
+
+Synthetic data of fixed size; reports mean seconds per optimizer step over the run (first step
+included for the TRL trainers, which report only a total) and peak resident memory (and peak GPU
+memory on CUDA). JSON results go to bench/results/policy_<task>_<quantization>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=["sft", "dpo", "ppo", "grpo", "rloo"])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    args = parser.parse_args()
+
+    from cai.lora import LoraSettings
+    from cai.policy import DPOSettings, TrainSettings, train_dpo, train_sft
+    from cai.prompt_sets import Prompt
+
+    lora = LoraSettings(r=16, alpha=32, quantization=args.quantization)
+    train = TrainSettings(lora=lora, batch_size=args.batch_size, max_steps=args.steps, max_length=512, save_steps=10_000)
+    answer = "Here is a careful and helpful answer. " * 6
+    n = args.steps * args.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.task == "sft":
+            rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answer}]} for i in range(n)]
+            (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            metrics = train_sft(tmp / "d.jsonl", args.model, tmp / "out", train)
+            seconds = metrics["train_seconds"] / metrics["steps"]
+        elif args.task == "dpo":
+            rows = [{"id": str(i), "prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": [{"role": "assistant", "content": answer}],
+                     "rejected": [{"role": "assistant", "content": "No. " * 30}], "chosen_prob": 0.9, "source": "bench",
+                     "provenance": {"stage": "import"}} for i in range(n)]
+            (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            metrics = train_dpo(tmp / "d.jsonl", args.model, tmp / "out", DPOSettings(train=train))
+            seconds = metrics["train_seconds"] / metrics["steps"]
+        else:
+            from cai.reward import RewardScorer
+            from transformers import AutoModelForSequenceClassification
+
+            from cai import models
+            from cai.loading import load_tokenizer
+
+            tokenizer = load_tokenizer(args.model, padding_side="right")
+            rm = AutoModelForSequenceClassification.from_pretrained(models.resolve(args.model), num_labels=1)
+            rm.config.pad_token_id = tokenizer.pad_token_id
+            scorer = RewardScorer(rm, tokenizer)
+            prompts = [Prompt(id=str(i), messages=({"role": "user", "content": f"Question {i}?"},)) for i in range(16)]
+            if args.task == "ppo":
+                from cai.ppo import PPOSettings, PPOTrainer
+
+                settings = PPOSettings(steps=args.steps, batch_size=4, mini_batch_size=2, max_new_tokens=32, lora=lora, save_every=10_000)
+                history = PPOTrainer(args.model, scorer.score, [list(p.messages) for p in prompts], tmp / "out", settings).train(log=None)
+                steady = history[1:] or history
+                seconds = sum(h["seconds"] for h in steady) / len(steady)
+                metrics = {"steps": len(history), "note": "4 prompts x 32 new tokens per rollout, 2 PPO epochs"}
+            else:
+                from cai.online import OnlineSettings, train_online
+
+                settings = OnlineSettings(train=train, num_generations=4, max_completion_length=32)
+                metrics = train_online(prompts, args.model, scorer, tmp / "out", settings, method=args.task)
+                seconds = metrics["train_seconds"] / metrics["steps"]
+    result = {"task": args.task, "model": args.model, "quantization": args.quantization, "batch_size": args.batch_size,
+              "steps": metrics["steps"], "seconds_per_step": round(seconds, 3),
+              "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out = Path(f"bench/results/policy_{args.task}_{args.quantization}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
