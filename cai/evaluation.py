@@ -8,12 +8,18 @@ On held-out red-team and benign prompts, both models answer greedily; then:
 - reward-hacking signs: mean response length of each model, and the policy's KL to its
   reference (sum over response tokens of log pi - log pi_ref, adapter disabled for pi_ref).
 Everything lands in `metrics.json` and the raw responses in `responses.jsonl`.
+
+A killed evaluation resumes: the greedy answers (its slowest step) are kept per model under a key
+of model, adapter weights, prompts and settings, and the labeller's work log resumes as in the
+label stage (pair ids hash the two answers, so answers from another policy never reuse a label).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +27,7 @@ import torch
 
 from cai import store
 from cai.constitution import Constitution
-from cai.engines.base import ChatPrompt, Engine, SamplingSettings
+from cai.engines.base import ChatPrompt, Engine, Generation, SamplingSettings
 from cai.errors import CaiError
 from cai.labeling import LabelRun, LabelSettings, Pair
 from cai.prompt_sets import Prompt
@@ -58,6 +64,27 @@ class Judge:
         except CaiError:  # tokenizers without merged " Yes"/" No" tokens: read the bare words
             scores = self.engine.score_choices(requests, ["Yes", "No"])
         return [p[0] for p in scores.probs]
+
+
+def adapter_digest(path: str | None) -> str | None:
+    weights = Path(path) / "adapter_model.safetensors" if path else None
+    if weights is None or not weights.is_file():
+        return path
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def generate_once(engine: Engine, requests: Sequence[ChatPrompt], sampling: SamplingSettings, adapter: str | None,
+                  cache: Path, key: str) -> list[Generation]:
+    """`engine.generate`, kept in `cache` so a rerun with the same key skips the generation."""
+    try:
+        kept = json.loads(cache.read_text())
+        if kept["key"] == key:
+            return [Generation(**g) for g in kept["generations"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    generations = engine.generate(requests, sampling, adapter=adapter)
+    store.write_json_atomic(cache, {"key": key, "generations": [asdict(g) for g in generations]})
+    return generations
 
 
 def response_logprobs(lm, tokenizer, prompt: Prompt, response: str) -> torch.Tensor:
@@ -101,6 +128,7 @@ def evaluate_policy(
     scorer=None,
     model_name: str | None = None,
     policy_adapter_path: str | None = None,
+    baseline_adapter_path: str | None = None,
     max_tokens: int = 128,
     harm_question: str,
     refusal_question: str,
@@ -112,15 +140,19 @@ def evaluate_policy(
     prompts = list(red_team) + list(benign)
     greedy = SamplingSettings(temperature=0.0, max_tokens=max_tokens)
     requests = [ChatPrompt.of(p.messages) for p in prompts]
-    policy_out = engine.generate(requests, greedy, adapter=policy_adapter)
-    baseline_out = engine.generate(requests, greedy, adapter=baseline_adapter)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    answers = {}
+    for name, adapter, path in (("policy", policy_adapter, policy_adapter_path), ("baseline", baseline_adapter, baseline_adapter_path)):
+        key = store.stable_id(engine.model, engine.name, adapter, adapter_digest(path), [r.messages for r in requests], asdict(greedy))
+        answers[name] = generate_once(engine, requests, greedy, adapter, out_dir / f"answers-{name}.json", key)
+    policy_out, baseline_out = answers["policy"], answers["baseline"]
     policy_texts = [g.texts[0].strip() for g in policy_out]
     baseline_texts = [g.texts[0].strip() for g in baseline_out]
     kinds = ["red_team"] * len(red_team) + ["benign"] * len(benign)
     metrics: dict = {"prompts": {"red_team": len(red_team), "benign": len(benign)}}
 
     # Win rate by the AI labeller, both orders, under one explicit comparison principle.
-    pairs = [Pair(store.stable_id(p.id, "eval"), tuple(p.messages), a or " ", b or " ") for p, a, b in zip(prompts, policy_texts, baseline_texts)]
+    pairs = [Pair(store.stable_id(p.id, "eval", a, b), tuple(p.messages), a or " ", b or " ") for p, a, b in zip(prompts, policy_texts, baseline_texts)]
     from cai.constitution import PreferencePrinciple
     from dataclasses import replace
 

@@ -58,7 +58,7 @@ def train_online(
 
     out_dir = Path(out_dir)
     train = settings.train
-    device = runtime.apply(runtime.RuntimeSettings(threads=train.threads))
+    device = runtime.apply(runtime.RuntimeSettings(threads=train.threads), seed=train.seed)
     model, tokenizer, lora = load_policy(model_name, train, device, adapter=sft_adapter)
     tokenizer.padding_side = "left"
     dataset = datasets.Dataset.from_list([{"prompt": list(p.messages)} for p in prompts])

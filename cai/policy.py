@@ -107,8 +107,7 @@ def _common_args(settings: TrainSettings, out_dir: Path, device: str) -> dict:
 
 def _train_and_save(trainer, tokenizer, out_dir: Path, meta: dict, device: str) -> dict:
     match_trainable_dtype(trainer.model, runtime.model_dtype(device))
-    checkpoints = sorted((out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    result = trainer.train(resume_from_checkpoint=store.latest_checkpoint(out_dir / "checkpoints"))
     adapter_dir = out_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
@@ -143,7 +142,7 @@ def train_sft(data: str | Path, model_name: str, out_dir: str | Path, settings: 
     from trl import SFTConfig, SFTTrainer
 
     out_dir = Path(out_dir)
-    device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads))
+    device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads), seed=settings.seed)
     dataset = sft_dataset(Path(data))
     model, tokenizer, lora = load_policy(model_name, settings, device)
     config = SFTConfig(max_length=settings.max_length, completion_only_loss=True, **_common_args(settings, out_dir, device))
@@ -174,7 +173,7 @@ def train_dpo(
 
     out_dir = Path(out_dir)
     train = settings.train
-    device = runtime.apply(runtime.RuntimeSettings(threads=train.threads))
+    device = runtime.apply(runtime.RuntimeSettings(threads=train.threads), seed=train.seed)
     path = Path(data)
     dataset, mean_prob = dpo_dataset(path / "train.jsonl" if path.is_dir() else path, settings)
     label_smoothing = max(0.0, min(0.49, 1.0 - mean_prob)) if settings.soft_labels == "label_smoothing" else 0.0

@@ -168,8 +168,7 @@ class PPOTrainer:
         self.out_dir = Path(out_dir)
         self.reward_fn = reward_fn
         self.prompts = [list(p) for p in prompts]
-        self.device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads))
-        torch.manual_seed(settings.seed)
+        self.device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads), seed=settings.seed)
         lm, self.tokenizer, lora = load_policy(model_name, TrainSettings(lora=settings.lora), self.device,
                                                adapter=sft_adapter, trainable_adapter=sft_adapter is not None)
         if lora is not None:

@@ -151,7 +151,7 @@ def train_reward_model(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads))
+    device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads), seed=settings.seed)
     train_records = load_preference_file(Path(train_file))
     eval_records = load_preference_file(Path(eval_file)) if eval_file and Path(eval_file).exists() and Path(eval_file).stat().st_size else []
     model, tokenizer = load_reward_backbone(model_name, settings, device)
@@ -184,8 +184,7 @@ def train_reward_model(
     )
     match_trainable_dtype(trainer.model, runtime.model_dtype(device))
     dropped = len(train_dataset) - len(trainer.train_dataset)
-    checkpoints = sorted((out_dir / "checkpoints").glob("checkpoint-*"))
-    result = trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    result = trainer.train(resume_from_checkpoint=store.latest_checkpoint(out_dir / "checkpoints"))
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)

@@ -82,6 +82,7 @@ class RecipeRunner:
                 self.log(f"[{stage}] unchanged since its last run: skipped")
                 continue
             self.log(f"[{stage}] running -> {self.stage_dir(stage)}")
+            self._begin(stage, fingerprint)
             began = time.perf_counter()
             summary = getattr(self, f"_{stage}")()
             seconds = round(time.perf_counter() - began, 1)
@@ -94,6 +95,25 @@ class RecipeRunner:
 
             write_report(self.out, self.recipe.stages)
         return timings
+
+    def _begin(self, stage: str, fingerprint: str) -> None:
+        """Keep a stage folder's partial work (work logs, checkpoints) only for the same fingerprint.
+
+        A stage rerun because its settings or an upstream stage changed must not resume from
+        the old run's work: a DPO checkpoint made with another learning rate, or samples drawn
+        from an SFT adapter since retrained at the same path, would be silently reused.
+        """
+        directory = self.stage_dir(stage)
+        marker = directory / "stage.json"
+        try:
+            previous = json.loads(marker.read_text())["fingerprint"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            previous = None
+        if directory.exists() and previous != fingerprint and any(p.name != ".cai.lock" for p in directory.iterdir()):
+            self.log(f"[{stage}] settings or inputs changed since the partial run in {directory}: starting it afresh")
+            store.clear_directory(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        store.write_json_atomic(marker, {"fingerprint": fingerprint})
 
     # -- shared objects -------------------------------------------------------------------------------
     def engine(self, model: str | None = None, adapters: dict[str, str] | None = None):
@@ -258,7 +278,7 @@ class RecipeRunner:
             engine, judge, self.constitution(), _load_prompt_sources(section.red_team, "eval.red_team"),
             _load_prompt_sources(section.benign, "eval.benign"), self.stage_dir("eval"),
             policy_adapter="policy", baseline_adapter="baseline" if baseline else None, scorer=scorer,
-            model_name=self.recipe.model, policy_adapter_path=policy, max_tokens=section.max_tokens,
+            model_name=self.recipe.model, policy_adapter_path=policy, baseline_adapter_path=baseline, max_tokens=section.max_tokens,
             harm_question=section.harm_question, refusal_question=section.refusal_question,
             preference=section.preference, seed=self.recipe.seed,
         )

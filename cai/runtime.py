@@ -43,11 +43,19 @@ def resolve_threads(threads: int = 0) -> int:
     return threads if threads > 0 else (os.cpu_count() or 1)
 
 
-def apply(settings: RuntimeSettings) -> Device:
-    """Set torch's thread count and return the device to use."""
+def apply(settings: RuntimeSettings, seed: int | None = None) -> Device:
+    """Set torch's thread count and return the device to use.
+
+    Trainers pass their `seed`: LoRA weights are initialised when the model is wrapped, before
+    the Trainer seeds anything, so without it two runs with one seed started from different
+    adapters (and a resumed run could not match an uninterrupted one)."""
     device = resolve_device(settings.device)
     if device == "cpu":
         torch.set_num_threads(resolve_threads(settings.threads))
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)
     return device
 
 

@@ -68,7 +68,7 @@ class WorkLog:
             raise CaiError(f"cannot write work log: {exc.strerror or exc}", source=str(self.path)) from None
 
 
-def _clear(directory: Path) -> None:
+def clear_directory(directory: Path) -> None:
     """Empty a directory, keeping the run lock held by this process."""
     for entry in directory.iterdir():
         if entry.name == ".cai.lock":
@@ -138,11 +138,11 @@ def prepare_run_dir(out_dir: Path, fingerprint: dict, *, overwrite: bool) -> boo
                 "use another output directory or pass --overwrite",
                 source=str(out_dir),
             )
-        _clear(out_dir)
+        clear_directory(out_dir)
     elif out_dir.exists() and any(p.name != ".cai.lock" for p in out_dir.iterdir()) and not overwrite:
         raise CaiError("exists and is not a cai run directory; pass --overwrite to replace it", source=str(out_dir))
     elif out_dir.exists() and overwrite:
-        _clear(out_dir)
+        clear_directory(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(manifest, {"fingerprint": fingerprint})
     return False
@@ -194,3 +194,15 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> str | None:
+    """The newest whole `checkpoint-N` a transformers Trainer left, or None.
+
+    Trainer writes `trainer_state.json` last, so a folder without it is a save that a kill cut
+    short; resuming from it would fail, so the previous checkpoint is used instead. Steps sort
+    as numbers (checkpoint-10 is newer than checkpoint-9).
+    """
+    complete = [p for p in Path(checkpoints_dir).glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None

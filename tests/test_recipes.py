@@ -108,6 +108,19 @@ def test_miniature_recipe_runs_every_stage_then_skips(tiny_causal_lm_dir, tmp_pa
     assert RecipeRunner(load_recipe(path), log=logs.append).run() == {}
     assert sum("skipped" in line for line in logs) == 8
 
+    # A rerun eval (as after a kill) reuses the answers it already generated.
+    from cai.engines.hf import HFEngine
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("answers were regenerated")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(HFEngine, "generate", no_generation)
+        assert list(RecipeRunner(load_recipe(path), log=logs.append).run(only="eval")) == ["eval"]
+    assert json.loads((out / "eval" / "metrics.json").read_text())["win_rate_labeller"] == metrics["win_rate_labeller"]
+
+    logs.clear()
     changed = load_recipe(path, ["dpo.settings.beta=0.2"])
     assert list(RecipeRunner(changed, log=logs.append).run()) == ["dpo", "eval"]
+    assert any(line.startswith("[dpo] settings or inputs changed") for line in logs)  # old partial work is not resumed
     assert list(RecipeRunner(changed, log=logs.append).run(only="blend")) == ["blend"]
