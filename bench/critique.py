@@ -15,12 +15,12 @@ Results go to a JSON file.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from results_io import write_results
 
 from cai.constitution import load_constitution
 from cai.critique import CritiqueRun, CritiqueSettings, stage_names
@@ -85,7 +85,6 @@ def main() -> None:
     results = {
         "model": args.model,
         "engine": engine.name,
-        "cpu_count": os.cpu_count(),
         "prompts": len(prompts),
         "rounds": args.rounds,
         "max_tokens": args.max_tokens,
@@ -100,10 +99,7 @@ def main() -> None:
             "tokens_per_s": round(single_summary.completion_tokens / single_seconds, 1),
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
+
+from results_io import write_results
 
 from cai.engines.base import ChatPrompt, SamplingSettings
 
@@ -52,8 +52,7 @@ def main() -> None:
 
     prompts = load_prompts(args.prompts)
     sampling = SamplingSettings(temperature=0, max_tokens=args.max_tokens)
-    results: dict = {"model": args.model, "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
-                     "machine": platform.machine(), "engines": {}}
+    results: dict = {"model": args.model, "max_tokens": args.max_tokens, "engines": {}}
 
     from cai.engines.vllm_engine import VLLMEngine
 
@@ -71,10 +70,7 @@ def main() -> None:
     single = HFEngine(args.model, batch_size=1)
     results["engines"]["hf_one_at_a_time"] = measure(single, prompts[: max(1, len(prompts) // 4)], sampling)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

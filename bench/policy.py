@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import tempfile
 from pathlib import Path
 
-import torch
+from results_io import peak_memory, write_results
 
 
 def main() -> None:
@@ -77,15 +75,8 @@ def main() -> None:
                 metrics = train_online(prompts, args.model, scorer, tmp / "out", settings, method=args.task)
                 seconds = metrics["train_seconds"] / metrics["steps"]
     result = {"task": args.task, "model": args.model, "quantization": args.quantization, "batch_size": args.batch_size,
-              "steps": metrics["steps"], "seconds_per_step": round(seconds, 3),
-              "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-              "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count()}
-    if torch.cuda.is_available():
-        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    out = Path(f"bench/results/policy_{args.task}_{args.quantization}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+              "steps": metrics["steps"], "seconds_per_step": round(seconds, 3), **peak_memory()}
+    write_results(f"bench/results/policy_{args.task}_{args.quantization}.json", result)
 
 
 if __name__ == "__main__":

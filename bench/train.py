@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results_io import peak_memory, write_results
 
 
 def main() -> None:
@@ -76,16 +74,9 @@ def main() -> None:
     result = {
         "task": "reward_model", "model": args.model, "quantization": args.quantization, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "steps": len(step_times), "seconds_per_step": round(sum(steady) / len(steady), 3),
-        "first_step_s": round(step_times[0], 3), "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "first_step_s": round(step_times[0], 3), **peak_memory(),
     }
-    if torch.cuda.is_available():
-        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        result["gpu"] = torch.cuda.get_device_name()
-    out = Path(args.out or f"bench/results/train_rm_{args.quantization}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_results(args.out or f"bench/results/train_rm_{args.quantization}.json", result)
 
 
 if __name__ == "__main__":

@@ -278,7 +278,6 @@ def label(
     from cai.constitution import load_constitution
     from cai.labeling import LabelRun, pairs_from_preferences, pairs_from_responses
     from cai.prompts import PromptSet
-    from cai.store import read_jsonl
 
     missing = [name for name, value in (("--responses", responses), ("--constitution", constitution), ("--out", out)) if not value]
     if missing:

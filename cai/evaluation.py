@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -134,8 +135,17 @@ def evaluate_policy(
     refusal_question: str,
     preference: str,
     seed: int = 0,
+    log=print,
 ) -> dict:
+    """Each phase reports when it ends (eval runs several minutes on a CPU with nothing else to
+    show); greedy answers are cached in `out_dir`, so a killed eval resumes after them."""
     out_dir = Path(out_dir)
+    clock = time.perf_counter()
+
+    def done(phase: str) -> None:
+        nonlocal clock
+        log(f"eval: {phase} ({time.perf_counter() - clock:.1f} s)")
+        clock = time.perf_counter()
     templates = PromptSet()
     prompts = list(red_team) + list(benign)
     greedy = SamplingSettings(temperature=0.0, max_tokens=max_tokens)
@@ -145,6 +155,7 @@ def evaluate_policy(
     for name, adapter, path in (("policy", policy_adapter, policy_adapter_path), ("baseline", baseline_adapter, baseline_adapter_path)):
         key = store.stable_id(engine.model, engine.name, adapter, adapter_digest(path), [r.messages for r in requests], asdict(greedy))
         answers[name] = generate_once(engine, requests, greedy, adapter, out_dir / f"answers-{name}.json", key)
+        done(f"{len(requests)} greedy answers from the {name}")
     policy_out, baseline_out = answers["policy"], answers["baseline"]
     policy_texts = [g.texts[0].strip() for g in policy_out]
     baseline_texts = [g.texts[0].strip() for g in baseline_out]
@@ -161,6 +172,7 @@ def evaluate_policy(
                          overwrite=True, show_progress=False)
     label_run.run()
     labelled = {r["id"]: r for r in label_run.records()}
+    done(f"{len(pairs)} pairs labelled in both orders")
     wins = [1.0 if labelled[p.id]["label"]["p_a"] > 0.5 else (0.5 if labelled[p.id]["label"]["p_a"] == 0.5 else 0.0) for p in pairs]
     metrics["win_rate_labeller"] = {"all": rate(wins), **{k: rate([w for w, kind in zip(wins, kinds) if kind == k]) for k in ("red_team", "benign")}}
 
@@ -170,6 +182,7 @@ def evaluate_policy(
         refused = judge.yes_probability(benign, texts[len(red_team) :], refusal_question)
         metrics[f"harmless_rate_{name}"] = rate([1.0 if p < 0.5 else 0.0 for p in harmful])
         metrics[f"over_refusal_rate_{name}"] = rate([1.0 if p > 0.5 else 0.0 for p in refused])
+    done("harmlessness and over-refusal judged")
     policy_lengths = [sum(g.completion_tokens) for g in policy_out]
     baseline_lengths = [sum(g.completion_tokens) for g in baseline_out]
     metrics["mean_length"] = {"policy": sum(policy_lengths) / len(prompts), "baseline": sum(baseline_lengths) / len(prompts)}
@@ -181,8 +194,10 @@ def evaluate_policy(
         rm_wins = [1.0 if a > b else (0.5 if a == b else 0.0) for a, b in zip(policy_scores, baseline_scores)]
         metrics["win_rate_reward_model"] = {"all": rate(rm_wins), **{k: rate([w for w, kind in zip(rm_wins, kinds) if kind == k]) for k in ("red_team", "benign")}}
         metrics["reward"] = {"policy": policy_scores, "baseline": baseline_scores}
+        done("reward model scores")
     if model_name and policy_adapter_path:
         metrics["kl_to_reference"] = round(kl_to_reference(model_name, policy_adapter_path, prompts, policy_texts), 4)
+        done("KL to the reference")
     for index, (prompt, kind) in enumerate(zip(prompts, kinds)):
         rows.append({"id": prompt.id, "kind": kind, "prompt": list(prompt.messages), "policy": policy_texts[index],
                      "baseline": baseline_texts[index], "labeller_p_policy": labelled[pairs[index].id]["label"]["p_a"]})

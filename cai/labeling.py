@@ -24,7 +24,7 @@ logged durably like every generating stage, so a killed labelling run resumes.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 

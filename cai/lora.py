@@ -7,7 +7,7 @@ bitsandbytes also runs 4-bit and 8-bit on CPU, so these paths are tested without
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch

@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 from cai import runtime, store
 from cai.durable import request_seed
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
-from cai.policy import TrainSettings, _common_args, _train_and_save, load_policy
+from cai.policy import TrainSettings, _train_and_save, load_policy
 from cai.prompt_sets import Prompt
 from cai.reward import RewardScorer
 
@@ -63,7 +63,7 @@ def train_online(
     tokenizer.padding_side = "left"
     dataset = datasets.Dataset.from_list([{"prompt": list(p.messages)} for p in prompts])
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if method == "grpo" else (RLOOConfig, RLOOTrainer)
-    common = _common_args(train, out_dir, device)
+    common = runtime.trainer_arguments(train, out_dir, device)
     # TRL needs the batch to hold whole groups of generations.
     common["per_device_train_batch_size"] = max(train.batch_size, settings.num_generations)
     config = config_class(

@@ -87,24 +87,6 @@ def load_policy(model_name: str, settings: TrainSettings, device: str, adapter: 
     return PeftModel.from_pretrained(model, adapter, is_trainable=True), tokenizer, None
 
 
-def _common_args(settings: TrainSettings, out_dir: Path, device: str) -> dict:
-    return dict(
-        output_dir=str(out_dir / "checkpoints"),
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        seed=settings.seed,
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        logging_steps=1,
-        report_to="none",
-        disable_tqdm=True,
-        **runtime.training_overrides(device),
-    )
-
-
 def _train_and_save(trainer, tokenizer, out_dir: Path, meta: dict, device: str) -> dict:
     match_trainable_dtype(trainer.model, runtime.model_dtype(device))
     result = trainer.train(resume_from_checkpoint=store.latest_checkpoint(out_dir / "checkpoints"))
@@ -145,7 +127,7 @@ def train_sft(data: str | Path, model_name: str, out_dir: str | Path, settings: 
     device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads), seed=settings.seed)
     dataset = sft_dataset(Path(data))
     model, tokenizer, lora = load_policy(model_name, settings, device)
-    config = SFTConfig(max_length=settings.max_length, completion_only_loss=True, **_common_args(settings, out_dir, device))
+    config = SFTConfig(max_length=settings.max_length, completion_only_loss=True, **runtime.trainer_arguments(settings, out_dir, device))
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     meta = {"stage": "sft", "base_model": model_name, "rows": len(dataset), "settings": asdict(settings)}
     return _train_and_save(trainer, tokenizer, out_dir, meta, device)
@@ -183,7 +165,7 @@ def train_dpo(
         loss_type=[settings.loss_type],
         label_smoothing=label_smoothing,
         max_length=train.max_length,
-        **_common_args(train, out_dir, device),
+        **runtime.trainer_arguments(train, out_dir, device),
     )
     # ref_model=None with an adapter: TRL computes reference log-probs with the adapter disabled.
     trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)

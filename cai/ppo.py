@@ -22,7 +22,6 @@ value head, optimizer, controller, step) are written every `save_every` steps an
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field

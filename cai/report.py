@@ -11,7 +11,6 @@ import html
 import json
 from pathlib import Path
 
-from cai import store
 
 W, H, PAD = 560, 260, 40
 COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756"]

@@ -30,25 +30,17 @@ from torch import nn
 
 from cai import chat, models, runtime, store
 from cai.errors import CaiError
-from cai.lora import LoraSettings, match_trainable_dtype, peft_config, prepare_quantized, quantization_config
+from cai.lora import match_trainable_dtype, peft_config, prepare_quantized, quantization_config
+from cai.policy import TrainSettings
 
 
 @dataclass(frozen=True)
-class RewardSettings:
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    learning_rate: float = 1e-4
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 1024
+class RewardSettings(TrainSettings):
+    """The policy trainers' schedule and LoRA settings plus what only the reward model needs."""
+
     source_weights: dict[str, float] = field(default_factory=dict)  # loss weight per `source`; default 1
     hard_labels: bool = False  # treat every label as p = 1 (ablation)
-    seed: int = 0
-    save_steps: int = 50
     merge: bool = False  # also write a merged full model
-    threads: int = 0
-    trust_remote_code: bool = False
 
 
 def soft_bradley_terry_loss(
@@ -157,22 +149,10 @@ def train_reward_model(
     model, tokenizer = load_reward_backbone(model_name, settings, device)
     Trainer, Collator = _trainer_class()
     config = RewardConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
         max_length=settings.max_length,
-        seed=settings.seed,
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        logging_steps=1,
-        report_to="none",
         remove_unused_columns=True,
-        disable_tqdm=True,
-        **runtime.training_overrides(device),
+        **runtime.trainer_arguments(settings, out_dir, device),
     )
     train_dataset = _dataset(train_records, settings)
     trainer = Trainer(

@@ -24,7 +24,7 @@ def _load_prompt_sources(sources: list[PromptSource], what: str):
     from cai.prompt_sets import load_prompts
 
     if not sources:
-        raise CaiError(f"needs at least one prompt source", field=f"{what}.prompts")
+        raise CaiError("needs at least one prompt source", field=f"{what}.prompts")
     prompts = []
     for source in sources:
         prompts += load_prompts(resolve_path(source.path), columns=source.columns, limit=source.limit)
@@ -280,7 +280,7 @@ class RecipeRunner:
             policy_adapter="policy", baseline_adapter="baseline" if baseline else None, scorer=scorer,
             model_name=self.recipe.model, policy_adapter_path=policy, baseline_adapter_path=baseline, max_tokens=section.max_tokens,
             harm_question=section.harm_question, refusal_question=section.refusal_question,
-            preference=section.preference, seed=self.recipe.seed,
+            preference=section.preference, seed=self.recipe.seed, log=self.log,
         )
         metrics["policy_stage"] = policy_stage
         metrics["baseline"] = "sft" if baseline else "base"

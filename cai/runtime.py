@@ -79,6 +79,29 @@ def training_overrides(device: Device) -> dict:
     }
 
 
+def trainer_arguments(settings, out_dir, device: Device) -> dict:
+    """Arguments every cai trainer passes to its TRL config: the schedule from `settings` (any of
+    the train settings dataclasses), checkpoints under `out_dir/checkpoints` kept to the last two
+    (enough to resume after a kill mid-save), logging every step, and the device overrides."""
+    from pathlib import Path
+
+    return dict(
+        output_dir=str(Path(out_dir) / "checkpoints"),
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        seed=settings.seed,
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        **training_overrides(device),
+    )
+
+
 def model_dtype(device: Device) -> torch.dtype:
     """fp32 on CPU: bf16 ran 5x slower there and drifted from greedy fp32 output."""
     if device == "cpu":

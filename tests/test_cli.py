@@ -1,7 +1,6 @@
 import subprocess
 import sys
 
-import pytest
 
 
 def run_cai(*args, env=None):

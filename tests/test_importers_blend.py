@@ -163,7 +163,7 @@ def test_blend_weights_and_counts(tmp_path):
     blend([SourceSpec(str(human), 7), SourceSpec(str(ai), 50)], tmp_path / "c", by="counts", eval_fraction=0.0)
     sources = [r["source"] for r in read_jsonl(tmp_path / "c" / "train.jsonl")]
     assert sources.count("human") == 7 and sources.count("ai") == 50
-    again = blend([SourceSpec(str(human), 0.25), SourceSpec(str(ai), 2.0)], tmp_path / "w2", eval_fraction=0.0)
+    blend([SourceSpec(str(human), 0.25), SourceSpec(str(ai), 2.0)], tmp_path / "w2", eval_fraction=0.0)
     assert (tmp_path / "w" / "train.jsonl").read_text() == (tmp_path / "w2" / "train.jsonl").read_text()
 
 

@@ -1,5 +1,4 @@
 import json
-import math
 import signal
 import subprocess
 import sys

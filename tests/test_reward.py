@@ -61,7 +61,6 @@ def test_training_learns_separable_preferences_and_reloads_identically(tiny_clas
     saved = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert saved["eval"] == metrics["eval"]
     # The score head travels with the adapter: a reloaded model gives the same scores.
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     assert "score" in json.loads((tmp_path / "rm" / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
@@ -88,11 +87,11 @@ def test_merged_model_scores_like_the_adapter(tiny_classifier_dir, tmp_path):
 
 def test_half_labels_teach_nothing(tiny_classifier_dir, tmp_path):
     train = write_pairs(tmp_path / "train.jsonl", prob=0.5)
-    metrics = train_reward_model(train, str(tiny_classifier_dir), tmp_path / "rm", small(max_steps=15))
+    train_reward_model(train, str(tiny_classifier_dir), tmp_path / "rm", small(max_steps=15))
     scorer = RewardScorer.load(tmp_path / "rm")
     conversations = [[{"role": "user", "content": f"Question {i}?"}] for i in range(6)]
     margins = [a - b for a, b in zip(scorer.score(conversations, ["yes please "] * 6), scorer.score(conversations, ["no way "] * 6))]
-    hard = train_reward_model(write_pairs(tmp_path / "hard.jsonl"), str(tiny_classifier_dir), tmp_path / "rm-hard", small(max_steps=15))
+    train_reward_model(write_pairs(tmp_path / "hard.jsonl"), str(tiny_classifier_dir), tmp_path / "rm-hard", small(max_steps=15))
     hard_scorer = RewardScorer.load(tmp_path / "rm-hard")
     hard_margins = [a - b for a, b in zip(hard_scorer.score(conversations, ["yes please "] * 6), hard_scorer.score(conversations, ["no way "] * 6))]
     assert sum(hard_margins) / 6 > 1.0

@@ -1,0 +1,40 @@
+"""Shared by the bench scripts: every result file records the machine it was measured on, so
+numbers from a 2-core CPU and a lent GPU are never compared by mistake."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process, plus peak allocated GPU memory on CUDA."""
+    import torch
+
+    peaks = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if torch.cuda.is_available():
+        peaks["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return peaks
+
+
+def write_results(out: str | Path, results: dict) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({**results, "machine": machine()}, indent=2)
+    out.write_text(text + "\n")
+    print(text)
