@@ -98,20 +98,31 @@ def response_logprobs(lm, tokenizer, prompt: Prompt, response: str) -> torch.Ten
     return logprobs[len(prefix) - 1 :].cpu()
 
 
-def kl_to_reference(model_name: str, adapter: str, prompts: Sequence[Prompt], responses: Sequence[str]) -> float:
-    """Mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own answers."""
+def kl_to_reference(model_name: str, adapter: str, prompts: Sequence[Prompt], responses: Sequence[str],
+                    reference_adapter: str | None = None) -> float:
+    """Mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] on the policy's own answers.
+
+    The reference is `reference_adapter` on the base when given (the SFT model that DPO and PPO
+    start from), else the base itself."""
     from peft import PeftModel
 
     from cai.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
-    lm = PeftModel.from_pretrained(load_causal_lm(model_name), adapter)
+    lm = PeftModel.from_pretrained(load_causal_lm(model_name), adapter, adapter_name="policy")
+    if reference_adapter:
+        lm.load_adapter(reference_adapter, adapter_name="reference")
     lm.eval()
     total = 0.0
     for prompt, response in zip(prompts, responses):
+        lm.set_adapter("policy")
         policy = response_logprobs(lm, tokenizer, prompt, response)
-        with lm.disable_adapter():
+        if reference_adapter:
+            lm.set_adapter("reference")
             reference = response_logprobs(lm, tokenizer, prompt, response)
+        else:
+            with lm.disable_adapter():
+                reference = response_logprobs(lm, tokenizer, prompt, response)
         total += float((policy - reference).sum())
     return total / max(1, len(prompts))
 
@@ -196,8 +207,10 @@ def evaluate_policy(
         metrics["reward"] = {"policy": policy_scores, "baseline": baseline_scores}
         done("reward model scores")
     if model_name and policy_adapter_path:
-        metrics["kl_to_reference"] = round(kl_to_reference(model_name, policy_adapter_path, prompts, policy_texts), 4)
-        done("KL to the reference")
+        metrics["kl_to_reference"] = round(kl_to_reference(model_name, policy_adapter_path, prompts, policy_texts,
+                                                           reference_adapter=baseline_adapter_path), 4)
+        metrics["kl_reference"] = "baseline" if baseline_adapter_path else "base"
+        done(f"KL to the {metrics['kl_reference']}")
     for index, (prompt, kind) in enumerate(zip(prompts, kinds)):
         rows.append({"id": prompt.id, "kind": kind, "prompt": list(prompt.messages), "policy": policy_texts[index],
                      "baseline": baseline_texts[index], "labeller_p_policy": labelled[pairs[index].id]["label"]["p_a"]})

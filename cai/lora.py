@@ -8,6 +8,7 @@ bitsandbytes also runs 4-bit and 8-bit on CPU, so these paths are tested without
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -81,3 +82,59 @@ def match_trainable_dtype(model, dtype: torch.dtype) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+def stack_adapters(first: str | Path, second: str | Path, out: str | Path) -> None:
+    """Write one LoRA adapter whose effect on the base equals `first` and then `second` applied.
+
+    Why: DPO, GRPO and RLOO train a fresh adapter on a base with the SFT adapter merged in, so
+    that their reference (the adapter disabled) is the SFT model. That fresh adapter alone means
+    nothing on the plain base, yet every consumer (vLLM `LoRARequest`, the hf engine, evaluation,
+    best-of-n) applies adapters to the plain base without merging. LoRA deltas add, and the sum of
+    two low-rank products is one product of rank r1 + r2:
+        s1 B1 A1 + s2 B2 A2 = [B1 B2] [s1 A1; s2 A2]   (new scale 1: alpha = r = r1 + r2)
+    peft's `add_weighted_adapter(combination_type="cat")` computes the same but needs the base
+    model in memory (a second copy of a 7B model at the end of training); this reads only the two
+    adapter files.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    first, second, out = Path(first), Path(second), Path(out)
+    configs = [json.loads((folder / "adapter_config.json").read_text()) for folder in (first, second)]
+    weights = [load_file(str(folder / "adapter_model.safetensors")) for folder in (first, second)]
+    for folder, config, tensors in zip((first, second), configs, weights):
+        if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise CaiError("only plain LoRA adapters (no DoRA, rank or alpha patterns) can be stacked", source=str(folder))
+        if any(".lora_A." not in key and ".lora_B." not in key for key in tensors):
+            raise CaiError("adapter holds non-LoRA weights (modules_to_save); it cannot be stacked", source=str(folder))
+    scales = [c["lora_alpha"] / (c["r"] ** 0.5 if c.get("use_rslora") else c["r"]) for c in configs]
+    ranks = [c["r"] for c in configs]
+    modules = sorted({key.split(".lora_")[0] for tensors in weights for key in tensors})
+    stacked = {}
+    for module in modules:
+        a_parts, b_parts = [], []
+        shape_a = next(t[f"{module}.lora_A.weight"].shape[1] for t in weights if f"{module}.lora_A.weight" in t)
+        shape_b = next(t[f"{module}.lora_B.weight"].shape[0] for t in weights if f"{module}.lora_B.weight" in t)
+        for tensors, scale, rank in zip(weights, scales, ranks):
+            a, b = tensors.get(f"{module}.lora_A.weight"), tensors.get(f"{module}.lora_B.weight")
+            if a is None:  # a module only one adapter targets: the other contributes zeros
+                a, b = torch.zeros(rank, shape_a), torch.zeros(shape_b, rank)
+            a_parts.append(a.float() * scale)
+            b_parts.append(b.float())
+        dtype = weights[1].get(f"{module}.lora_A.weight", weights[0].get(f"{module}.lora_A.weight")).dtype
+        stacked[f"{module}.lora_A.weight"] = torch.cat(a_parts, dim=0).to(dtype).contiguous()
+        stacked[f"{module}.lora_B.weight"] = torch.cat(b_parts, dim=1).to(dtype).contiguous()
+    targets = [c["target_modules"] for c in configs]
+    if all(isinstance(t, list) for t in targets):
+        target_modules = sorted(set(targets[0]) | set(targets[1]))
+    elif targets[0] == targets[1]:
+        target_modules = targets[0]
+    else:
+        raise CaiError(f"adapters target different module patterns ({targets[0]!r} vs {targets[1]!r})", source=str(second))
+    config = {**configs[1], "r": sum(ranks), "lora_alpha": sum(ranks), "use_rslora": False,
+              "target_modules": target_modules, "lora_dropout": 0.0}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(stacked, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -12,8 +12,9 @@ TRL's prompt/completion form, for which SFTTrainer masks the prompt tokens. (Its
 
 DPO's reference model is the policy with its adapter disabled, so no second copy of the weights
 sits in memory. With a full-precision base the SFT adapter is merged in first, so the reference is
-the SFT model; with a quantised base (no merging into 4-bit weights) the SFT adapter itself is
-trained further and the reference is the base.
+the SFT model, and the saved `adapter` stacks SFT and DPO adapters into one that applies to the
+plain base (`cai.lora.stack_adapters`); with a quantised base (no merging into 4-bit weights) the
+SFT adapter itself is trained further and the reference is the base.
 
 Soft labels in DPO: `soft_labels="label_smoothing"` sets TRL's conservative-DPO label smoothing to
 1 - mean(chosen_prob) of the training set (each pair is treated as flipped with that
@@ -30,7 +31,7 @@ from typing import Literal
 
 from cai import models, runtime, store
 from cai.errors import CaiError
-from cai.lora import LoraSettings, match_trainable_dtype, peft_config, prepare_quantized, quantization_config
+from cai.lora import LoraSettings, match_trainable_dtype, peft_config, prepare_quantized, quantization_config, stack_adapters
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class DPOSettings:
     min_chosen_prob: float = 0.6
 
 
+def merges_adapter(settings: TrainSettings, adapter: str | None, trainable_adapter: bool = False) -> bool:
+    """Whether `load_policy` merges `adapter` into the base (full precision, not trained further)."""
+    return adapter is not None and settings.lora.quantization == "none" and not trainable_adapter
+
+
 def load_policy(model_name: str, settings: TrainSettings, device: str, adapter: str | None = None, trainable_adapter: bool = False):
     """Base causal LM (quantised if asked) plus, optionally, an existing adapter.
 
@@ -81,17 +87,24 @@ def load_policy(model_name: str, settings: TrainSettings, device: str, adapter: 
     model = prepare_quantized(model, gradient_checkpointing=device == "cuda")
     if adapter is None:
         return model, tokenizer, peft_config(settings.lora, "CAUSAL_LM")
-    if quant is None and not trainable_adapter:
+    if merges_adapter(settings, adapter, trainable_adapter):
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         return merged, tokenizer, peft_config(settings.lora, "CAUSAL_LM")
     return PeftModel.from_pretrained(model, adapter, is_trainable=True), tokenizer, None
 
 
-def _train_and_save(trainer, tokenizer, out_dir: Path, meta: dict, device: str) -> dict:
+def _train_and_save(trainer, tokenizer, out_dir: Path, meta: dict, device: str, stacked_on: str | None = None) -> dict:
+    """Train (resuming from the last checkpoint) and save `out_dir/adapter`, the policy as one
+    adapter on the plain base. When training ran on a base with `stacked_on` merged in, the
+    trained adapter goes to `out_dir/stage_adapter` and `adapter` stacks the two."""
     match_trainable_dtype(trainer.model, runtime.model_dtype(device))
     result = trainer.train(resume_from_checkpoint=store.latest_checkpoint(out_dir / "checkpoints"))
     adapter_dir = out_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
+    if stacked_on:
+        trainer.model.save_pretrained(out_dir / "stage_adapter")
+        stack_adapters(stacked_on, out_dir / "stage_adapter", adapter_dir)
+    else:
+        trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     (adapter_dir / "cai-policy.json").write_text(json.dumps(meta, indent=2, default=str))
     metrics = {
@@ -173,4 +186,5 @@ def train_dpo(
         "stage": "dpo", "base_model": model_name, "sft_adapter": sft_adapter, "pairs": len(dataset),
         "label_smoothing": label_smoothing, "mean_chosen_prob": mean_prob, "settings": asdict(settings),
     }
-    return _train_and_save(trainer, tokenizer, out_dir, meta, device)
+    return _train_and_save(trainer, tokenizer, out_dir, meta, device,
+                           stacked_on=sft_adapter if merges_adapter(train, sft_adapter) else None)

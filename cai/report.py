@@ -120,7 +120,8 @@ def write_report(out: Path, stages: list[str]) -> Path:
         if key in evaluation:
             rows.append((label, evaluation[key]["all"]["rate"], evaluation[key]["all"]["ci95"]))
     if "kl_to_reference" in evaluation:
-        rows.append(("KL to reference (nats/response)", evaluation["kl_to_reference"], None))
+        reference = "the " + evaluation["baseline"] if evaluation.get("kl_reference") == "baseline" and evaluation.get("baseline") else "the base"
+        rows.append((f"KL to {reference} model (nats/response)", evaluation["kl_to_reference"], None))
     if "mean_length" in evaluation:
         rows.append(("mean length policy / baseline", f"{evaluation['mean_length']['policy']:.1f} / {evaluation['mean_length']['baseline']:.1f}", None))
 

@@ -100,3 +100,26 @@ def test_dpo_on_top_of_sft_adapter_and_qlora(tiny_causal_lm_dir, tmp_path):
     assert metrics["steps"] == 2
     quantized = small(max_steps=2, lora=LoraSettings(r=4, alpha=8, dropout=0.0, quantization="4bit"))
     assert train_sft(write_sft(tmp_path / "sft.jsonl"), str(tiny_causal_lm_dir), tmp_path / "qsft", quantized)["steps"] == 2
+
+
+def test_dpo_after_sft_saves_one_adapter_for_the_plain_base(tiny_causal_lm_dir, tmp_path):
+    """DPO trains on base+SFT merged; the saved adapter must reproduce that policy on the plain base
+    (what engines and evaluation load), not just the DPO delta."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train_sft(write_sft(tmp_path / "sft.jsonl"), str(tiny_causal_lm_dir), tmp_path / "sft", small(max_steps=3))
+    train_dpo(write_pairs(tmp_path / "p.jsonl"), str(tiny_causal_lm_dir), tmp_path / "dpo",
+              DPOSettings(train=small(max_steps=3, lora=LoraSettings(r=4, alpha=16, dropout=0.0))),
+              sft_adapter=str(tmp_path / "sft" / "adapter"))
+    sft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir), str(tmp_path / "sft" / "adapter")).merge_and_unload()
+    trained = PeftModel.from_pretrained(sft_merged, str(tmp_path / "dpo" / "stage_adapter"))
+    stacked, _ = load_with_adapter(tiny_causal_lm_dir, tmp_path / "dpo" / "adapter")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        expected, got = trained(ids).logits, stacked(ids).logits
+        delta_only, _ = load_with_adapter(tiny_causal_lm_dir, tmp_path / "dpo" / "stage_adapter")
+        wrong = delta_only(ids).logits
+    assert json.loads((tmp_path / "dpo" / "adapter" / "adapter_config.json").read_text())["r"] == 8 + 4
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(wrong, expected, atol=1e-3)  # the DPO delta alone is a different model

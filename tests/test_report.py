@@ -18,7 +18,7 @@ def fake_run(out):
         "win_rate_reward_model": {"all": interval, "red_team": interval, "benign": interval},
         "harmless_rate_policy": interval, "harmless_rate_baseline": interval,
         "over_refusal_rate_policy": interval, "over_refusal_rate_baseline": interval,
-        "mean_length": {"policy": 50.0, "baseline": 60.0}, "kl_to_reference": 1.5,
+        "mean_length": {"policy": 50.0, "baseline": 60.0}, "kl_to_reference": 1.5, "kl_reference": "baseline",
         "reward": {"policy": [0.1, 0.5, 0.9, 1.2], "baseline": [-0.2, 0.1, 0.3, 0.4]},
     }
     (out / "eval" / "metrics.json").write_text(json.dumps(metrics))
@@ -33,7 +33,7 @@ def test_report_contents(tmp_path):
     page = write_report(tmp_path, ["rm", "eval"]).read_text()
     assert page.count("<svg") == 4 and "win rate (reward model)" in page
     markdown = (tmp_path / "report.md").read_text()
-    assert "| KL to reference (nats/response) | 1.5 |" in markdown and "| rm | 12.5 |" in markdown
+    assert "| KL to the sft model (nats/response) | 1.5 |" in markdown and "| rm | 12.5 |" in markdown
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="Debian's chromium is not installed")
