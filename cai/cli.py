@@ -502,7 +502,7 @@ def _online_command(method: str):
         from cai.reward import RewardScorer
 
         settings = _settings(OnlineSettings, set, method)
-        metrics = train_online(load_prompts(prompts), model, RewardScorer.load(reward), out, settings, method=method,
+        metrics = train_online(load_prompts(prompts), model, RewardScorer.load(reward, threads=settings.train.threads), out, settings, method=method,
                                sft_adapter=sft_adapter)
         print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
 
