@@ -209,8 +209,7 @@ def evaluate_policy(
     if model_name and policy_adapter_path:
         metrics["kl_to_reference"] = round(kl_to_reference(model_name, policy_adapter_path, prompts, policy_texts,
                                                            reference_adapter=baseline_adapter_path), 4)
-        metrics["kl_reference"] = "baseline" if baseline_adapter_path else "base"
-        done(f"KL to the {metrics['kl_reference']}")
+        done("KL to the baseline")
     for index, (prompt, kind) in enumerate(zip(prompts, kinds)):
         rows.append({"id": prompt.id, "kind": kind, "prompt": list(prompt.messages), "policy": policy_texts[index],
                      "baseline": baseline_texts[index], "labeller_p_policy": labelled[pairs[index].id]["label"]["p_a"]})

@@ -7,6 +7,7 @@ bitsandbytes also runs 4-bit and 8-bit on CPU, so these paths are tested without
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -97,8 +98,6 @@ def stack_adapters(first: str | Path, second: str | Path, out: str | Path) -> No
     model in memory (a second copy of a 7B model at the end of training); this reads only the two
     adapter files.
     """
-    import json
-
     from safetensors.torch import load_file, save_file
 
     first, second, out = Path(first), Path(second), Path(out)
@@ -114,18 +113,16 @@ def stack_adapters(first: str | Path, second: str | Path, out: str | Path) -> No
     modules = sorted({key.split(".lora_")[0] for tensors in weights for key in tensors})
     stacked = {}
     for module in modules:
-        a_parts, b_parts = [], []
-        shape_a = next(t[f"{module}.lora_A.weight"].shape[1] for t in weights if f"{module}.lora_A.weight" in t)
-        shape_b = next(t[f"{module}.lora_B.weight"].shape[0] for t in weights if f"{module}.lora_B.weight" in t)
-        for tensors, scale, rank in zip(weights, scales, ranks):
-            a, b = tensors.get(f"{module}.lora_A.weight"), tensors.get(f"{module}.lora_B.weight")
-            if a is None:  # a module only one adapter targets: the other contributes zeros
-                a, b = torch.zeros(rank, shape_a), torch.zeros(shape_b, rank)
-            a_parts.append(a.float() * scale)
-            b_parts.append(b.float())
-        dtype = weights[1].get(f"{module}.lora_A.weight", weights[0].get(f"{module}.lora_A.weight")).dtype
-        stacked[f"{module}.lora_A.weight"] = torch.cat(a_parts, dim=0).to(dtype).contiguous()
-        stacked[f"{module}.lora_B.weight"] = torch.cat(b_parts, dim=1).to(dtype).contiguous()
+        a_key, b_key = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        present = [tensors for tensors in weights if a_key in tensors]
+        in_features, out_features = present[0][a_key].shape[1], present[0][b_key].shape[0]
+        # A module only one adapter targets: the other contributes zeros of its own rank.
+        a_parts = [t[a_key].float() * scale if a_key in t else torch.zeros(rank, in_features)
+                   for t, scale, rank in zip(weights, scales, ranks)]
+        b_parts = [t[b_key].float() if b_key in t else torch.zeros(out_features, rank) for t, rank in zip(weights, ranks)]
+        dtype = present[-1][a_key].dtype  # the trained adapter's dtype when it has the module
+        stacked[a_key] = torch.cat(a_parts, dim=0).to(dtype).contiguous()
+        stacked[b_key] = torch.cat(b_parts, dim=1).to(dtype).contiguous()
     targets = [c["target_modules"] for c in configs]
     if all(isinstance(t, list) for t in targets):
         target_modules = sorted(set(targets[0]) | set(targets[1]))

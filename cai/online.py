@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 from cai import runtime, store
 from cai.durable import request_seed
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
-from cai.policy import TrainSettings, _train_and_save, load_policy, merges_adapter
+from cai.policy import TrainSettings, _train_and_save, load_policy, merged_adapter
 from cai.prompt_sets import Prompt
 from cai.reward import RewardScorer
 
@@ -76,8 +76,7 @@ def train_online(
     trainer = trainer_class(model=model, args=config, reward_funcs=[reward_function(scorer)], train_dataset=dataset,
                             processing_class=tokenizer, peft_config=lora)
     meta = {"stage": method, "base_model": model_name, "sft_adapter": sft_adapter, "prompts": len(prompts), "settings": asdict(settings)}
-    return _train_and_save(trainer, tokenizer, out_dir, meta, device,
-                           stacked_on=sft_adapter if merges_adapter(train, sft_adapter) else None)
+    return _train_and_save(trainer, tokenizer, out_dir, meta, device, stacked_on=merged_adapter(train, sft_adapter))
 
 
 def best_of_n(

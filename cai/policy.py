@@ -58,9 +58,9 @@ class DPOSettings:
     min_chosen_prob: float = 0.6
 
 
-def merges_adapter(settings: TrainSettings, adapter: str | None, trainable_adapter: bool = False) -> bool:
-    """Whether `load_policy` merges `adapter` into the base (full precision, not trained further)."""
-    return adapter is not None and settings.lora.quantization == "none" and not trainable_adapter
+def merged_adapter(settings: TrainSettings, adapter: str | None, trainable_adapter: bool = False) -> str | None:
+    """The adapter `load_policy` merges into the base (full precision, not trained further), else None."""
+    return adapter if adapter is not None and settings.lora.quantization == "none" and not trainable_adapter else None
 
 
 def load_policy(model_name: str, settings: TrainSettings, device: str, adapter: str | None = None, trainable_adapter: bool = False):
@@ -87,7 +87,7 @@ def load_policy(model_name: str, settings: TrainSettings, device: str, adapter: 
     model = prepare_quantized(model, gradient_checkpointing=device == "cuda")
     if adapter is None:
         return model, tokenizer, peft_config(settings.lora, "CAUSAL_LM")
-    if merges_adapter(settings, adapter, trainable_adapter):
+    if merged_adapter(settings, adapter, trainable_adapter):
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         return merged, tokenizer, peft_config(settings.lora, "CAUSAL_LM")
     return PeftModel.from_pretrained(model, adapter, is_trainable=True), tokenizer, None
@@ -186,5 +186,4 @@ def train_dpo(
         "stage": "dpo", "base_model": model_name, "sft_adapter": sft_adapter, "pairs": len(dataset),
         "label_smoothing": label_smoothing, "mean_chosen_prob": mean_prob, "settings": asdict(settings),
     }
-    return _train_and_save(trainer, tokenizer, out_dir, meta, device,
-                           stacked_on=sft_adapter if merges_adapter(train, sft_adapter) else None)
+    return _train_and_save(trainer, tokenizer, out_dir, meta, device, stacked_on=merged_adapter(train, sft_adapter))

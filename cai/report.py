@@ -120,8 +120,8 @@ def write_report(out: Path, stages: list[str]) -> Path:
         if key in evaluation:
             rows.append((label, evaluation[key]["all"]["rate"], evaluation[key]["all"]["ci95"]))
     if "kl_to_reference" in evaluation:
-        reference = "the " + evaluation["baseline"] if evaluation.get("kl_reference") == "baseline" and evaluation.get("baseline") else "the base"
-        rows.append((f"KL to {reference} model (nats/response)", evaluation["kl_to_reference"], None))
+        # evaluate_policy measures KL against the baseline: the SFT adapter when there is one, else the base
+        rows.append((f"KL to the {evaluation.get('baseline', 'base')} model (nats/response)", evaluation["kl_to_reference"], None))
     if "mean_length" in evaluation:
         rows.append(("mean length policy / baseline", f"{evaluation['mean_length']['policy']:.1f} / {evaluation['mean_length']['baseline']:.1f}", None))
 

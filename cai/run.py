@@ -20,6 +20,14 @@ from cai.errors import CaiError
 from cai.recipe import POLICY_STAGES, STAGES, PromptSource, Recipe, resolve_path
 
 
+def _recorded_fingerprint(marker: Path) -> str | None:
+    """The fingerprint a stage's `done.json`/`stage.json` recorded; None when absent or unreadable."""
+    try:
+        return json.loads(marker.read_text())["fingerprint"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def _load_prompt_sources(sources: list[PromptSource], what: str):
     from cai.prompt_sets import load_prompts
 
@@ -50,13 +58,7 @@ class RecipeRunner:
         return self.out / stage
 
     def is_done(self, stage: str) -> bool:
-        done = self.stage_dir(stage) / "done.json"
-        if not done.exists():
-            return False
-        try:
-            return json.loads(done.read_text())["fingerprint"] == self.fingerprint(stage)
-        except (json.JSONDecodeError, KeyError):
-            return False
+        return _recorded_fingerprint(self.stage_dir(stage) / "done.json") == self.fingerprint(stage)
 
     def run(self, *, from_stage: str | None = None, only: str | None = None) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -105,11 +107,7 @@ class RecipeRunner:
         """
         directory = self.stage_dir(stage)
         marker = directory / "stage.json"
-        try:
-            previous = json.loads(marker.read_text())["fingerprint"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            previous = None
-        if directory.exists() and previous != fingerprint and any(p.name != ".cai.lock" for p in directory.iterdir()):
+        if directory.exists() and _recorded_fingerprint(marker) != fingerprint and any(p.name != ".cai.lock" for p in directory.iterdir()):
             self.log(f"[{stage}] settings or inputs changed since the partial run in {directory}: starting it afresh")
             store.clear_directory(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ Every trainer and engine asks this module instead of deciding for itself.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Literal
 
@@ -83,8 +84,6 @@ def trainer_arguments(settings, out_dir, device: Device) -> dict:
     """Arguments every cai trainer passes to its TRL config: the schedule from `settings` (any of
     the train settings dataclasses), checkpoints under `out_dir/checkpoints` kept to the last two
     (enough to resume after a kill mid-save), logging every step, and the device overrides."""
-    from pathlib import Path
-
     return dict(
         output_dir=str(Path(out_dir) / "checkpoints"),
         learning_rate=settings.learning_rate,

@@ -1,9 +1,3 @@
-import json
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 
 from cai import schema
@@ -217,36 +211,3 @@ def test_sampling_k_distinct_and_resumable(tiny_causal_lm_dir, tmp_path):
     (tmp_path / "work" / "samples.jsonl").write_text("".join((tmp_path / "work" / "samples.jsonl").read_text().splitlines(True)[:2]))
     run_sampling(engine, prompts, tmp_path, settings, show_progress=False)
     assert (tmp_path / "responses.jsonl").read_text() == first
-
-
-KILL_SCRIPT = """
-import sys
-from cai.constitution import load_constitution
-from cai.engines.hf import HFEngine
-from cai.labeling import LabelRun, LabelSettings, Pair
-from cai.prompts import PromptSet
-model, constitution, out = sys.argv[1:4]
-prompt = ({"role": "user", "content": "Is it safe?"},)
-pairs = [Pair(f"p{i}", prompt, f"yes {i} " * (i + 1), f"no {i}") for i in range(12)]
-LabelRun(HFEngine(model, batch_size=4), load_constitution(constitution), pairs, PromptSet(), out,
-         LabelSettings(mode="cot", cot_max_tokens=16, chunk_size=2, principles_per_pair=2), show_progress=False).run()
-"""
-
-
-def test_label_sigkill_then_resume(tiny_causal_lm_dir, tmp_path):
-    (tmp_path / "c.yaml").write_text(CONSTITUTION)
-    args = [sys.executable, "-c", KILL_SCRIPT, str(tiny_causal_lm_dir), str(tmp_path / "c.yaml")]
-    subprocess.run(args + [str(tmp_path / "reference")], check=True, capture_output=True)
-    work = tmp_path / "interrupted" / "work" / "labels.jsonl"
-    proc = subprocess.Popen(args + [str(tmp_path / "interrupted")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while (not work.exists() or len(work.read_bytes().splitlines()) < 4) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    subprocess.run(args + [str(tmp_path / "interrupted")], check=True, capture_output=True)
-    reference = (tmp_path / "reference" / "preferences.jsonl").read_text()
-    assert (tmp_path / "interrupted" / "preferences.jsonl").read_text() == reference
-    ids = [json.loads(line)["id"] for line in work.read_text().splitlines()]
-    assert len(ids) == len(set(ids)) == 12

@@ -18,7 +18,7 @@ def fake_run(out):
         "win_rate_reward_model": {"all": interval, "red_team": interval, "benign": interval},
         "harmless_rate_policy": interval, "harmless_rate_baseline": interval,
         "over_refusal_rate_policy": interval, "over_refusal_rate_baseline": interval,
-        "mean_length": {"policy": 50.0, "baseline": 60.0}, "kl_to_reference": 1.5, "kl_reference": "baseline",
+        "mean_length": {"policy": 50.0, "baseline": 60.0}, "kl_to_reference": 1.5,
         "reward": {"policy": [0.1, 0.5, 0.9, 1.2], "baseline": [-0.2, 0.1, 0.3, 0.4]},
     }
     (out / "eval" / "metrics.json").write_text(json.dumps(metrics))
