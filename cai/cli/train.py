@@ -1,0 +1,190 @@
+"""`cai train-rm`, `sft`, `dpo`, `ppo`, `grpo`, `rloo`, `best-of-n`, `run` and `eval`."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from cai.cli.common import SET_HELP, _engine_for, _settings, app
+from cai.errors import CaiError
+
+
+@app.command("train-rm")
+def train_rm(
+    data: str = typer.Option(..., help="A blend directory (train.jsonl, eval.jsonl) or one preference file."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Backbone: builtin name, folder or hub id."),
+    out: str = typer.Option(..., help="Output directory (adapter/, metrics.json, checkpoints/)."),
+    quantization: str = typer.Option("none", help="none, 4bit (QLoRA nf4, double quant) or 8bit."),
+    lora_r: int = typer.Option(16),
+    lora_alpha: int = typer.Option(32),
+    learning_rate: float = typer.Option(1e-4),
+    epochs: float = typer.Option(1.0),
+    max_steps: int = typer.Option(-1),
+    batch_size: int = typer.Option(4),
+    gradient_accumulation_steps: int = typer.Option(1),
+    max_length: int = typer.Option(1024),
+    source_weight: list[str] = typer.Option([], help="Loss weight per source, e.g. --source-weight ai=0.5"),
+    hard_labels: bool = typer.Option(False, help="Ignore chosen_prob (p = 1 for every pair)."),
+    merge: bool = typer.Option(False, help="Also save a merged full model."),
+    threads: int = typer.Option(0),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a LoRA/QLoRA reward model on soft preference labels; evaluate on the held-out split."""
+    import json
+    from pathlib import Path
+
+    from cai.lora import LoraSettings
+    from cai.reward import RewardSettings, train_reward_model
+
+    weights = {}
+    for item in source_weight:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise CaiError(f"'{item}' must look like SOURCE=WEIGHT", field="--source-weight") from None
+    path = Path(data)
+    train_file = path / "train.jsonl" if path.is_dir() else path
+    eval_file = path / "eval.jsonl" if path.is_dir() else None
+    if not train_file.exists():
+        raise CaiError("no train.jsonl (run `cai blend` first, or pass a preference file)", source=str(path))
+    settings = RewardSettings(
+        lora=LoraSettings(r=lora_r, alpha=lora_alpha, quantization=quantization),  # type: ignore[arg-type]
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length, source_weights=weights,
+        hard_labels=hard_labels, merge=merge, threads=threads, seed=seed,
+    )
+    metrics = train_reward_model(train_file, model, out, settings, eval_file=eval_file)
+    metrics.pop("log_history")
+    print(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def sft(
+    data: str = typer.Option(..., help="sft.jsonl from `cai critique` (TRL messages rows)."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    out: str = typer.Option(...),
+    set: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Supervised fine-tuning on revisions (loss on the answer only), LoRA or QLoRA."""
+    from cai.policy import TrainSettings, train_sft
+
+    metrics = train_sft(data, model, out, _settings(TrainSettings, set, "sft"))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
+
+
+@app.command()
+def dpo(
+    data: str = typer.Option(..., help="A blend directory or a preference file."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    out: str = typer.Option(...),
+    sft_adapter: Optional[str] = typer.Option(None, "--sft", help="SFT adapter folder to start from."),
+    set: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """DPO with LoRA/QLoRA; the reference is the policy with its adapter disabled."""
+    from cai.policy import DPOSettings, train_dpo
+
+    metrics = train_dpo(data, model, out, _settings(DPOSettings, set, "dpo"), sft_adapter=sft_adapter)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
+
+
+@app.command()
+def ppo(
+    prompts: str = typer.Option(...),
+    reward: str = typer.Option(..., help="Reward model folder from `cai train-rm`."),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    out: str = typer.Option(...),
+    sft_adapter: Optional[str] = typer.Option(None, "--sft"),
+    set: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """PPO against a reward model (cai's own implementation; TRL removed PPOTrainer)."""
+    from cai.ppo import PPOSettings, PPOTrainer
+    from cai.prompt_sets import load_prompts
+    from cai.reward import RewardScorer
+
+    settings = _settings(PPOSettings, set, "ppo")
+    scorer = RewardScorer.load(reward, threads=settings.threads)
+    loaded = [list(p.messages) for p in load_prompts(prompts)]
+    PPOTrainer(model, scorer.score, loaded, out, settings, sft_adapter=sft_adapter).train()
+
+
+def _online_command(method: str):
+    def command(
+        prompts: str = typer.Option(...),
+        reward: str = typer.Option(..., help="Reward model folder from `cai train-rm`."),
+        model: str = typer.Option("smollm2-135m-instruct"),
+        out: str = typer.Option(...),
+        sft_adapter: Optional[str] = typer.Option(None, "--sft"),
+        set: list[str] = typer.Option([], "--set", help=SET_HELP),
+    ) -> None:
+        from cai.online import OnlineSettings, train_online
+        from cai.prompt_sets import load_prompts
+        from cai.reward import RewardScorer
+
+        settings = _settings(OnlineSettings, set, method)
+        metrics = train_online(load_prompts(prompts), model, RewardScorer.load(reward, threads=settings.train.threads), out, settings, method=method,
+                               sft_adapter=sft_adapter)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
+
+    command.__doc__ = f"{method.upper()} through TRL with the reward model as reward function."
+    return command
+
+
+app.command("grpo")(_online_command("grpo"))
+app.command("rloo")(_online_command("rloo"))
+
+
+@app.command("best-of-n")
+def best_of_n_command(
+    prompts: str = typer.Option(...),
+    reward: str = typer.Option(...),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    out: str = typer.Option(...),
+    n: int = typer.Option(4, "-n"),
+    max_tokens: int = typer.Option(128),
+    engine: str = typer.Option("auto"),
+    threads: int = typer.Option(0),
+) -> None:
+    """Sample n answers per prompt and keep the one the reward model scores highest."""
+    from cai.engines import SamplingSettings
+    from cai.online import best_of_n
+    from cai.prompt_sets import load_prompts
+    from cai.reward import RewardScorer
+
+    summary = best_of_n(_engine_for(model, engine, threads), RewardScorer.load(reward), load_prompts(prompts), out, n=n,
+                        sampling=SamplingSettings(temperature=1.0, max_tokens=max_tokens))
+    print(json.dumps(summary, indent=2))
+
+
+@app.command()
+def run(
+    recipe: str = typer.Argument(..., help="Recipe YAML, e.g. recipes/quickstart.yaml"),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. critique.settings.rounds=1"),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Rerun from this stage on."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run only this stage."),
+) -> None:
+    """Run a recipe's stages in order; unchanged finished stages are skipped."""
+    from cai.recipe import load_recipe
+    from cai.run import RecipeRunner
+
+    loaded = load_recipe(recipe, overrides or [])
+    timings = RecipeRunner(loaded).run(from_stage=from_stage, only=only)
+    print(json.dumps({"stage_seconds": timings, "output_dir": str(loaded.out)}, indent=2))
+
+
+@app.command("eval")
+def eval_command(
+    recipe: str = typer.Argument(..., help="The recipe whose trained policy to evaluate."),
+    overrides: list[str] = typer.Argument(None, help="key.sub=value overrides, e.g. eval.max_tokens=256"),
+) -> None:
+    """Evaluate a recipe's trained policy against its SFT/base baseline and write the report."""
+    from cai.recipe import load_recipe
+    from cai.run import RecipeRunner
+
+    loaded = load_recipe(recipe, overrides or [])
+    if "eval" not in loaded.stages:
+        raise CaiError("the recipe has no 'eval' stage", source=recipe, field="stages")
+    RecipeRunner(loaded).run(only="eval")
+    print((loaded.out / "report.md").read_text())
