@@ -71,7 +71,7 @@ def main() -> None:
             else:
                 from cai.online import OnlineSettings, train_online
 
-                settings = OnlineSettings(train=train, num_generations=4, max_completion_length=32)
+                settings = OnlineSettings(train=train, num_generations=min(4, args.batch_size), max_completion_length=32)
                 metrics = train_online(prompts, args.model, scorer, tmp / "out", settings, method=args.task)
                 seconds = metrics["train_seconds"] / metrics["steps"]
     result = {"task": args.task, "model": args.model, "quantization": args.quantization, "batch_size": args.batch_size,

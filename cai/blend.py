@@ -4,11 +4,16 @@
 
 Steps, in this order, each counted in the summary:
 1. Load every source through the importers (any supported format; cai's own output as is).
+   A source with `skip_malformed` skips rows the importer cannot read (an empty final turn,
+   transcripts that differ before the last turn: real HH-RLHF has some) instead of failing;
+   the summary lists each one with its row number and reason.
 2. Deduplicate identical (prompt, chosen, rejected) triples, keeping the first.
 3. Resolve conflicts: the same prompt and answer pair preferred in opposite directions. A human
    label beats an AI label; between two labels of the same kind the more confident one stays.
-4. Hold out an evaluation split, stratified by source (the same fraction of every source), before
-   any resampling, so no evaluation pair leaks into training through oversampling.
+4. Hold out an evaluation split by *prompt*, stratified by source (about the same fraction of
+   every source's prompts), before any resampling: every pair of a held-out prompt goes to
+   evaluation (k > 2 samples and `pairing: all` give several pairs per prompt), and a prompt held
+   out in one source is held out in all, so no evaluation prompt is ever trained on.
 5. Mix the training rows by weight: `SRC:0.5` keeps a seeded half of that source, `SRC:2` every
    row twice. With `by="counts"`, `SRC:300` takes exactly 300 rows (repeating rows only when the
    source has fewer).
@@ -35,6 +40,7 @@ AI_STAGES = {"label", "critique"}
 class SourceSpec:
     path: str
     weight: float = 1.0
+    skip_malformed: bool = False
 
 
 def parse_source(text: str) -> SourceSpec:
@@ -69,15 +75,18 @@ def blend(
         raise CaiError("must be in [0, 1)", field="eval_fraction")
     rng = random.Random(seed)
     loaded: list[tuple[SourceSpec, list[dict]]] = []
+    skipped: dict[str, list[dict]] = {}
     for spec in sources:
-        records, _ = load_preferences(spec.path)
+        records, report = load_preferences(spec.path, skip_malformed=spec.skip_malformed)
         loaded.append((spec, records))
+        skipped[spec.path] = report.malformed_rows
 
     # 2-3: dedupe and conflicts, human sources first so their rows are the ones kept.
     ordered = sorted(range(len(loaded)), key=lambda i: any(is_ai(r) for r in loaded[i][1][:1]))
     kept: dict[tuple, dict] = {}
     by_pair: dict[tuple, tuple] = {}
-    stats = {spec.path: {"source": spec.path, "read": len(rows), "duplicates": 0, "conflicts_lost": 0} for spec, rows in loaded}
+    stats = {spec.path: {"source": spec.path, "read": len(rows), "malformed_skipped": len(skipped[spec.path]),
+                         "malformed_rows": skipped[spec.path], "duplicates": 0, "conflicts_lost": 0} for spec, rows in loaded}
     conflicts = {"human_vs_ai": 0, "same_kind": 0}
     for index in ordered:
         spec, rows = loaded[index]
@@ -104,16 +113,26 @@ def blend(
     for triple, record in kept.items():
         per_source[by_pair[triple][0]].append(record)
 
-    # 4-5: stratified evaluation split, then weighted training mix.
+    # 4-5: evaluation split by prompt, stratified by source, then weighted training mix.
     train, evaluation = [], []
+    held_out: dict[tuple, bool] = {}  # prompt -> in evaluation; decided once, for every source
     for spec, _ in loaded:
         rows = sorted(per_source[spec.path], key=lambda r: r["id"])
-        rng.shuffle(rows)
-        held = round(len(rows) * eval_fraction)
-        evaluation += rows[:held]
-        chosen_rows = _resample(rows[held:], spec.weight, by, rng)
+        prompts = sorted({_key(r["prompt"]) for r in rows})
+        wanted = round(len(prompts) * eval_fraction) - sum(held_out.get(p, False) for p in prompts)
+        fresh = [p for p in prompts if p not in held_out]
+        rng.shuffle(fresh)
+        for index, prompt in enumerate(fresh):
+            held_out[prompt] = index < wanted
+        held = [r for r in rows if held_out[_key(r["prompt"])]]
+        rest = [r for r in rows if not held_out[_key(r["prompt"])]]
+        rng.shuffle(held)
+        rng.shuffle(rest)
+        evaluation += held
+        chosen_rows = _resample(rest, spec.weight, by, rng)
         train += chosen_rows
-        stats[spec.path].update(after_dedupe=len(rows), eval=held, train=len(chosen_rows), weight=spec.weight)
+        stats[spec.path].update(after_dedupe=len(rows), prompts=len(prompts), eval_prompts=sum(held_out[p] for p in prompts),
+                                eval=len(held), train=len(chosen_rows), weight=spec.weight)
     rng.shuffle(train)
     for name, rows in (("train", train), ("eval", evaluation)):
         for number, record in enumerate(rows, 1):
@@ -122,6 +141,7 @@ def blend(
     store.write_jsonl_atomic(out_dir / "train.jsonl", train)
     store.write_jsonl_atomic(out_dir / "eval.jsonl", evaluation)
     summary = {"sources": list(stats.values()), "conflicts": conflicts, "train": len(train), "eval": len(evaluation),
+               "malformed_skipped": sum(len(rows) for rows in skipped.values()),
                "by": by, "seed": seed, "eval_fraction": eval_fraction}
     store.write_json_atomic(out_dir / "summary.json", summary)
     return summary

@@ -7,6 +7,10 @@ the field's annotation: str, int, float, bool, Literal[...], X | None, tuple[...
 dict[str, X] and nested dataclasses. Anything else in the data is an error naming the key path;
 with a located YAML document the error also names the file and line. No reflection beyond
 reading annotations: the dataclasses are the single source of truth for what a recipe may say.
+
+A nested section given in part is merged onto that field's *own* default, not onto its class's
+defaults: `OnlineSettings.train` defaults to lr 1e-5, so `train: {max_steps: 2}` (or
+`--set train.max_steps=2`) keeps lr 1e-5 rather than `TrainSettings`' 1e-4.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ class ConfigError(Exception):
         self.path = path
 
 
-def from_dict(cls, data: Any, path: list | None = None):
+def from_dict(cls, data: Any, path: list | None = None, base: Any = None):
+    """`cls` from `data`; keys absent from `data` keep `base`'s values when given (an instance of
+    `cls`), else the field defaults. Nested sections merge onto the default they replace."""
     path = path or []
     if not isinstance(data, dict):
         raise ConfigError(f"must be a mapping, got {_describe(data)}", path)
@@ -38,19 +44,29 @@ def from_dict(cls, data: Any, path: list | None = None):
         raise ConfigError(f"unknown key '{unknown[0]}' (allowed: {', '.join(fields)})", path + [unknown[0]])
     values = {}
     for name, value in data.items():
-        values[name] = _convert(hints[name], value, path + [name])
-    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        default = getattr(base, name) if base is not None else _field_default(fields[name])
+        values[name] = _convert(hints[name], value, path + [name], default)
+    missing = [n for n, f in fields.items() if n not in values and base is None
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"missing required key '{missing[0]}'", path)
     try:
-        return cls(**values)
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except CaiError as exc:
         raise ConfigError(str(exc).split(": ", 1)[-1] if exc.field else str(exc), path + ([exc.field.split(".")[-1]] if exc.field else [])) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc), path) from None
 
 
-def _convert(annotation, value, path):
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _convert(annotation, value, path, default: Any = None):
     origin, args = get_origin(annotation), get_args(annotation)
     if annotation is Any:
         return value
@@ -60,7 +76,7 @@ def _convert(annotation, value, path):
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _convert(option, value, path)
+                return _convert(option, value, path, default)
             except ConfigError as exc:
                 errors.append(exc.message)
         raise ConfigError(errors[0] if len(errors) == 1 else f"does not fit any of: {'; '.join(errors)}", path)
@@ -69,7 +85,7 @@ def _convert(annotation, value, path):
             raise ConfigError(f"must be one of {', '.join(map(repr, args))}, got {value!r}", path)
         return value
     if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, path)
+        return from_dict(annotation, value, path, default if type(default) is annotation else None)
     if origin in (tuple, list, Sequence) or annotation in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"must be a list, got {_describe(value)}", path)

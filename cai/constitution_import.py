@@ -5,8 +5,9 @@
         CritiqueRevisionFewShotPrompts.json -o anthropic.yaml
 
 Formats (detected from content, not from file names):
-- llm-swarm JSON: {"constitutions": [{"critic", "revision"}], "system_chat": [[six messages]]},
-  each chat being prompt, answer, critique request, critique, revision request, revision.
+- llm-swarm JSON: {"constitutions": [{"critic", "revision"}], "system_chat": [[messages]]}, each chat the
+  conversation up to the answer (one or more user turns) then critique request, critique, revision
+  request, revision.
 - The CAI paper's prompt files: CritiqueRevisionInstructions.json ({name: {"prompt": [critique],
   "edit_request": revision}}, texts wrapped in "CritiqueRequest:/Critique:" markers, which are
   stripped), RLMadisonInstructions.json (a list of comparison principles ending in "Options:"),
@@ -18,11 +19,10 @@ so an import that succeeds always loads.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from cai import yamlio
+from cai import store, yamlio
 from cai.constitution import Constitution, constitution_from_document
 from cai.errors import CaiError
 
@@ -49,11 +49,12 @@ def import_files(paths: list[str | Path], name: str | None = None) -> Constituti
 
 def _import_one(file: Path, data: dict) -> None:
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CaiError("file not found", source=str(file)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CaiError(f"not valid JSON: {exc}", source=str(file)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CaiError(f"cannot read: {exc}", source=str(file)) from None
+    raw = store.parse_json(text, str(file))
     if isinstance(raw, dict) and "constitutions" in raw:
         _llm_swarm(raw, data, str(file))
     elif isinstance(raw, dict) and raw and all(isinstance(v, dict) and "edit_request" in v for v in raw.values()):
@@ -87,24 +88,40 @@ def _llm_swarm(raw: dict, data: dict, source: str) -> None:
         data["principles"].append(
             {"id": _unique_id(data["principles"], f"principle-{index + 1:02d}"), "critique": item["critic"], "revision": item["revision"]}
         )
-    for index, chat in enumerate(raw.get("system_chat", [])):
-        field = f"system_chat[{index}]"
-        if not isinstance(chat, list) or len(chat) != 6 or not all(isinstance(m, dict) and "content" in m for m in chat):
-            raise CaiError("must be six messages: prompt, answer, critique request, critique, revision request, revision", source=source, field=field)
-        roles = [m.get("role") for m in chat]
-        if roles != ["user", "assistant"] * 3:
-            raise CaiError(f"roles must alternate user/assistant, got {roles}", source=source, field=field)
-        prompt, answer, critique_request, critique, revision_request, revision = (m["content"] for m in chat)
-        data["few_shot"].append(
-            {
-                "prompt": prompt,
-                "response": answer,
-                "critique_request": critique_request,
-                "critique": critique,
-                "revision_request": revision_request,
-                "revision": revision,
-            }
+    chats = raw.get("system_chat") or []
+    if not isinstance(chats, list):
+        raise CaiError("must be a list of few-shot conversations", source=source, field="system_chat")
+    for index, chat in enumerate(chats):
+        data["few_shot"].append(_llm_swarm_chat(chat, source, f"system_chat[{index}]"))
+
+
+def _llm_swarm_chat(chat, source: str, field: str) -> dict:
+    """One few-shot conversation: any number of user/assistant turns up to the answer, then
+    critique request, critique, revision request, revision (six messages for a one-turn prompt)."""
+    if not isinstance(chat, list) or len(chat) < 6 or len(chat) % 2 or not all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in chat
+    ):
+        raise CaiError(
+            "must be an even number (>= 6) of messages: the conversation up to the answer, then critique request, "
+            "critique, revision request, revision", source=source, field=field,
         )
+    roles = [m.get("role") for m in chat]
+    if roles != ["user", "assistant"] * (len(chat) // 2):
+        raise CaiError(f"roles must alternate user/assistant, got {roles}", source=source, field=field)
+    conversation, answer = chat[:-5], chat[-5]["content"]
+    critique_request, critique, revision_request, revision = (m["content"] for m in chat[-4:])
+    head: dict = (
+        {"prompt": conversation[0]["content"]} if len(conversation) == 1
+        else {"messages": [{"role": m["role"], "content": m["content"]} for m in conversation]}
+    )
+    return {
+        **head,
+        "response": answer,
+        "critique_request": critique_request,
+        "critique": critique,
+        "revision_request": revision_request,
+        "revision": revision,
+    }
 
 
 def _anthropic_instructions(raw: dict, data: dict, source: str) -> None:

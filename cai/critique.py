@@ -10,7 +10,8 @@ engine sees whole batches; constitution few-shot examples form the same prefix f
 which vLLM's prefix cache reuses.
 
 Outputs in the run directory, every row schema-checked:
-- `sft.jsonl`: TRL `messages` (prompt turns + final revision);
+- `sft.jsonl`: TRL `messages` (the prompt's own turns + final revision; the constitution's
+  `system` prompt is part of the critique conversation only, not of the rows trained on);
 - `preferences.jsonl`: TRL conversational prompt/chosen/rejected, chosen = final revision,
   rejected = initial answer, `chosen_prob` 1.0;
 - `trace.jsonl`: the initial answer and every critique and revision with its principle id;
@@ -37,6 +38,7 @@ from cai.errors import CaiError
 from cai.durable import WorkItem, generate_durably, request_seed
 from cai.prompt_sets import Prompt
 from cai.prompts import PromptSet
+from cai.sampling import policy_messages
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class CritiqueRun:
         self.on_chunk = on_chunk  # test hook: called after each durable append
         examples = constitution.few_shot if settings.few_shot is None else constitution.few_shot[: settings.few_shot]
         self.few_shot_turns = self._few_shot_turns(examples)
+        self.few_shot_count = len(examples)
         sampler = constitution.sampler(settings.seed)
         self.principles = {p.id: sampler.principles(p.id, settings.rounds) for p in self.prompts}
         fingerprint = self.fingerprint()
@@ -129,7 +132,7 @@ class CritiqueRun:
             "rounds": self.settings.rounds,
             "sampling": asdict(self.settings.sampling),
             "critique_max_tokens": self.settings.critique_max_tokens,
-            "few_shot": len(self.few_shot_turns) // 6,
+            "few_shot": self.few_shot_count,
         }
 
     def provenance(self) -> dict:
@@ -284,7 +287,9 @@ class CritiqueRun:
             row_flags = [] if final_round else ["no_valid_revision"]
             if final_round:
                 final = rounds[final_round - 1]["revision"]
-                prompt_turns = self._system() + [dict(m) for m in prompt.messages]
+                # As sampling, PPO and evaluation ask the policy: the constitution's system prompt
+                # steered the critique conversation only (see cai.sampling.policy_messages).
+                prompt_turns = policy_messages(prompt)
                 sft.append({
                     "id": row,
                     "messages": prompt_turns + [{"role": "assistant", "content": final}],

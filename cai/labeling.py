@@ -15,7 +15,19 @@ Why it is written this way (see the CAI and RLAIF papers):
 - Modes: `logprob` (read A/B directly); `cot` (greedy reasoning first, then A/B read after it,
   clamped to [0.4, 0.6] because chain-of-thought labels are over-confident); `score` (d-RLAIF:
   each answer gets an expected 1-10 rating from the probability-weighted digits, rescaled to
-  [-1, 1]; the pair's `chosen_prob` is 0.5 + |difference| / 4).
+  [-1, 1]; the pair's `chosen_prob` is 0.5 + |difference| / 4). The rating is pre-filled up to
+  "Rating: [[" so the first digit follows "[[" with no space in every tokenizer, and 10 is read
+  both ways a tokenizer can spell it: as a token of its own (GPT-2, Llama 3) and as "1" then "0"
+  (SmolLM2, Llama 2, Qwen), so a model answering 10 is read as 10, not as 1.
+- Choice mass: every read (one order, or one answer, under one principle) records how much of the
+  model's next-token probability the choice tokens held (`label.mass`). A read with none at all
+  carries no information: it counts as 0.5 (a neutral rating in `score` mode). A label none of
+  whose reads had any mass is empty and always dropped; when more than `max_zero_mass_rate` (half)
+  of the reads are empty the stage stops with an error, because such a labeller is not answering
+  with the choices (wrong template prefix, wrong answer format) and its labels are coin flips.
+- Ties: a pair whose reads average to exactly 0.5 says neither answer is better, so it is dropped
+  from `preferences.jsonl` (counted in the summary) unless `keep_ties`; kept, it trains as
+  chosen_prob 0.5, which soft-label DPO and the reward model read as "no preference".
 
 TRL has no AI labeller (its judges were removed in 1.1), hence this module. Work is chunked and
 logged durably like every generating stage, so a killed labelling run resumes.
@@ -38,6 +50,7 @@ from cai.prompts import PromptSet
 
 Mode = Literal["logprob", "cot", "score"]
 DIGITS = [str(d) for d in range(1, 10)]
+RATINGS = [*DIGITS, "10"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,8 @@ class LabelSettings:
     cot_max_tokens: int = 128
     cot_clamp: tuple[float, float] = (0.4, 0.6)
     chunk_size: int = 64
+    keep_ties: bool = False  # keep pairs labelled exactly 0.5 (as chosen_prob 0.5) instead of dropping them
+    max_zero_mass_rate: float = 0.5  # stop when more of the reads than this put no probability on the choices
 
     def __post_init__(self) -> None:
         if self.mode not in ("logprob", "cot", "score"):
@@ -61,6 +76,8 @@ class LabelSettings:
             raise CaiError("must be in [0.5, 1)", field="label.min_confidence")
         if self.pairing not in ("adjacent", "all"):
             raise CaiError("must be adjacent or all", field="label.pairing")
+        if not 0 <= self.max_zero_mass_rate <= 1:
+            raise CaiError("must be in [0, 1]", field="label.max_zero_mass_rate")
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,7 @@ class LabelRun:
         self.principles = {p.id: sampler.preferences(p.id, settings.principles_per_pair) for p in self.pairs}
         template = {"logprob": "preference", "cot": "preference_cot", "score": "score"}[settings.mode]
         self.template_name = template
+        self._ten_is_a_choice: bool | None = None  # score mode: can the engine read "10" beside "1"?
 
     def fingerprint(self) -> dict:
         s = self.settings
@@ -134,6 +152,7 @@ class LabelRun:
             "swap": s.swap,
             "seed": s.seed,
             "cot_max_tokens": s.cot_max_tokens if s.mode == "cot" else None,
+            "cot_clamp": list(s.cot_clamp) if s.mode == "cot" else None,
         }
 
     # -- requests -------------------------------------------------------------------------------------
@@ -167,7 +186,10 @@ class LabelRun:
                 for (turn, request), thought in zip(requests, reasoning)
             ]
         scores = self.engine.score_choices([r for _, r in requests], ["A", "B"])
-        rows: dict[str, dict] = {p.id: {"id": p.id, "ab": [None] * len(self.principles[p.id]), "ba": [None] * len(self.principles[p.id]), "mass": []} for p in chunk}
+        rows: dict[str, dict] = {}
+        for p in chunk:
+            k = len(self.principles[p.id])
+            rows[p.id] = {"id": p.id, "ab": [None] * k, "ba": [None] * k, "mass": {o: [None] * k for o in self._orders()}}
         for position, ((pair_id, index, order), probs, mass) in enumerate(zip(keys, scores.probs, scores.mass)):
             # Stored as P(first-listed answer of the pair, `a`, is better) in both orders.
             p_a = probs[0] if order == "ab" else probs[1]
@@ -175,7 +197,7 @@ class LabelRun:
                 low, high = self.settings.cot_clamp
                 p_a = min(max(p_a, low), high)
             rows[pair_id][order][index] = p_a
-            rows[pair_id]["mass"].append(mass)
+            rows[pair_id]["mass"][order][index] = mass
             if reasoning:
                 rows[pair_id].setdefault("reasoning", {}).setdefault(order, []).append(reasoning[position])
         return list(rows.values())
@@ -189,14 +211,33 @@ class LabelRun:
                     turn = self.templates.render("score", conversation=list(pair.prompt), principle=principle.text, response=answer)
                     keys.append((pair.id, index, which))
                     requests.append(ChatPrompt.of([{"role": "user", "content": turn.content}], turn.assistant_prefix))
-        first = self.engine.score_choices(requests, DIGITS)
-        # "10" starts with the token "1": P(10) = P("1") * P("0" | "1"), read in a second step.
+        first = self._score_ratings(requests)
+        # Where "10" is spelled "1" then "0", P(10) includes P("1") * P("0" | "1"), read in a second step.
         after_one = self.engine.score_choices([ChatPrompt(r.messages, r.assistant_prefix + "1") for r in requests], ["0"])
-        rows = {p.id: {"id": p.id, "a": [None] * len(self.principles[p.id]), "b": [None] * len(self.principles[p.id]), "mass": []} for p in chunk}
+        rows = {}
+        for p in chunk:
+            k = len(self.principles[p.id])
+            rows[p.id] = {"id": p.id, "a": [None] * k, "b": [None] * k, "mass": {"a": [None] * k, "b": [None] * k}}
         for (pair_id, index, which), probs, mass, zero in zip(keys, first.probs, first.mass, after_one.mass):
-            rows[pair_id][which][index] = expected_rating(probs, zero)
-            rows[pair_id]["mass"].append(mass)
+            # A read with no mass on any rating says nothing: the scale's midpoint, 0.
+            rows[pair_id][which][index] = expected_rating(probs, zero) if mass > 0 else 0.0
+            rows[pair_id]["mass"][which][index] = mass
         return list(rows.values())
+
+    def _score_ratings(self, requests: list[ChatPrompt]):
+        """Probabilities of the ratings 1..10 at the first digit, or of 1..9 where the engine
+        cannot tell "10" from "1" there (a digit-by-digit tokenizer: both start with the token
+        "1"; the engine refuses such choices). Decided on the first chunk, then reused."""
+        if self._ten_is_a_choice is not False:
+            try:
+                scores = self.engine.score_choices(requests, RATINGS)
+                self._ten_is_a_choice = True
+                return scores
+            except CaiError:
+                if self._ten_is_a_choice:  # it worked before: a real error
+                    raise
+                self._ten_is_a_choice = False
+        return self.engine.score_choices(requests, DIGITS)
 
     # -- the run --------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -215,7 +256,22 @@ class LabelRun:
                 worklog.append(rows)
                 done.update({row["id"]: row for row in rows})
                 bar.advance(len(chunk), 0)
+                self._check_choice_mass(done.values())
         return self._write_outputs(done, resumed)
+
+    def _check_choice_mass(self, rows) -> None:
+        """Stop when more than `max_zero_mass_rate` of the reads put no probability on the choices."""
+        masses = [m for row in rows for m in read_masses(row)]
+        empty = sum(m == 0 for m in masses)
+        if masses and empty / len(masses) > self.settings.max_zero_mass_rate:
+            choices = "the ratings 1-10" if self.settings.mode == "score" else "(A) and (B)"
+            raise CaiError(
+                f"the labeller '{self.engine.model}' put no probability on {choices} in {empty} of {len(masses)} reads "
+                f"(more than max_zero_mass_rate {self.settings.max_zero_mass_rate:.0%}), so its labels would be coin flips: "
+                f"check that prompts/{self.template_name}.jinja's assistant prefix ends right before the answer and "
+                "that the model answers in that form",
+                source=str(self.out_dir),
+            )
 
     def label(self, pair: Pair, raw: dict) -> dict:
         """One pair's record (before the confidence filter)."""
@@ -236,7 +292,7 @@ class LabelRun:
                 p_a, consistent = p_ab, None
             order_probs = {"ab": raw["ab"], **({"ba": raw["ba"]} if self.settings.swap else {})}
             details = {"mode": self.settings.mode}
-        details["mass"] = sum(raw["mass"]) / len(raw["mass"]) if raw["mass"] else None
+        details["mass"] = raw["mass"]  # per order (or answer), per principle: P(choice tokens) before normalising
         chosen, rejected = (pair.a, pair.b) if p_a >= 0.5 else (pair.b, pair.a)
         record = {
             "id": pair.id,
@@ -260,15 +316,23 @@ class LabelRun:
         return [self.label(pair, done[pair.id]) for pair in self.pairs]
 
     def _write_outputs(self, done: dict, resumed: bool) -> dict:
+        self._check_choice_mass(done[pair.id] for pair in self.pairs)
         records = [self.label(pair, done[pair.id]) for pair in self.pairs]
-        kept = [r for r in records if r["chosen_prob"] >= self.settings.min_confidence]
+        empty = [is_empty(r) for r in records]
+        ties = [r["label"]["p_a"] == 0.5 and not e for r, e in zip(records, empty)]
+        low = [r["chosen_prob"] < self.settings.min_confidence and not e and not t for r, e, t in zip(records, empty, ties)]
+        kept = [r for r, e, t, lo in zip(records, empty, ties, low) if not (e or lo or (t and not self.settings.keep_ties))]
         for index, record in enumerate(kept):
             schema.validate_record("preference", record, f"{self.out_dir}/preferences row {index + 1}")
         store.write_jsonl_atomic(self.out_dir / "preferences.jsonl", kept)
         summary = {
             "pairs": len(records),
             "kept": len(kept),
-            "dropped_low_confidence": len(records) - len(kept),
+            "zero_mass_labels": sum(empty),  # no read had any mass on the choices: always dropped
+            "zero_mass_reads": sum(m == 0 for r in records for m in read_masses(r["label"])),
+            "ties": sum(ties),
+            "dropped_ties": 0 if self.settings.keep_ties else sum(ties),
+            "dropped_low_confidence": sum(low),
             **position_stats(records),
             "mean_chosen_prob": round(sum(r["chosen_prob"] for r in records) / len(records), 4) if records else None,
             "resumed": resumed,
@@ -277,10 +341,23 @@ class LabelRun:
         return summary
 
 
-def expected_rating(digit_probs: Sequence[float], p_zero_after_one: float) -> float:
-    """Probabilities over "1".."9" (+ the chance "1" continues as "10") -> rating rescaled to [-1, 1]."""
-    probs = {d: p for d, p in zip(range(1, 10), digit_probs)}
-    probs[10] = probs[1] * p_zero_after_one
+def read_masses(raw: dict) -> list[float]:
+    """Every read's choice mass, from a work-log row or a record's `label` (a flat list in work
+    logs written before masses were kept per order)."""
+    masses = raw["mass"]
+    return [m for group in masses.values() for m in group] if isinstance(masses, dict) else list(masses)
+
+
+def is_empty(record: dict) -> bool:
+    """No read of this label put any probability on the choices: it is the engine's 0.5 fallback."""
+    return all(m == 0 for m in read_masses(record["label"]))
+
+
+def expected_rating(rating_probs: Sequence[float], p_zero_after_one: float) -> float:
+    """Probabilities over "1".."9", or "1".."10" where "10" is a token of its own, plus the chance
+    that "1" continues as "10" -> the expected rating rescaled to [-1, 1]."""
+    probs = dict(zip(range(1, 11), rating_probs))
+    probs[10] = probs.get(10, 0.0) + probs[1] * p_zero_after_one
     probs[1] = probs[1] * (1 - p_zero_after_one)
     expected = sum(score * p for score, p in probs.items())
     return (expected - 5.5) / 4.5

@@ -1,7 +1,8 @@
 """LoRA / QLoRA building blocks shared by every trainer: quantised loading and adapter configs.
 
 QLoRA here means: base weights loaded 4-bit nf4 with double quantisation (bitsandbytes), compute
-in the runtime dtype, only LoRA adapters (and, for reward models, the `score` head) trainable.
+in the runtime dtype, only LoRA adapters (and, for reward models, the `score` head) trainable,
+and those kept in fp32 whatever the base's dtype (`keep_trainable_fp32`).
 bitsandbytes also runs 4-bit and 8-bit on CPU, so these paths are tested without a GPU.
 """
 
@@ -72,17 +73,40 @@ def prepare_quantized(model, gradient_checkpointing: bool):
     return model
 
 
-def match_trainable_dtype(model, dtype: torch.dtype) -> None:
-    """Cast trainable parameters to the compute dtype after a TRL trainer was built.
+def keep_trainable_fp32(model) -> None:
+    """Keep every trainable parameter (LoRA A/B, the reward `score` head) in fp32; call it after
+    the TRL trainer was built, before training.
 
-    TRL (1.16) casts every trainable parameter of a quantised model to bf16, following the QLoRA
-    paper. With fp32 compute (the CPU path) the `score` head and LoRA layers then receive fp32
-    activations against bf16 weights and the first forward pass fails; keeping them in the
-    compute dtype fixes that and costs little memory (adapters are small).
+    Why: the optimizer updates what it is given. With bf16 weights an AdamW step of ~lr (5e-6)
+    on a weight of 0.1 is below bf16's resolution there (~4e-4) and rounds away: the adapter
+    silently stops learning. peft creates LoRA weights in fp32 for a bf16/fp16 base (its
+    `autocast_adapter_dtype`), but TRL (1.16) casts the trainable parameters of a quantised
+    model to bf16 (QLoRA's recipe), and a `modules_to_save` copy such as `score` keeps the
+    base's dtype. Upcasting them costs little memory: only adapters and the head are trainable.
+
+    The forward pass still works on a low-precision base: peft's LoRA layers cast their input to
+    the adapter's dtype and the result back (`_cast_input_dtype`); a `modules_to_save` copy does
+    not, so it gets a pre-hook casting its floating inputs to its weight dtype (its output, the
+    reward, then stays fp32). Under bf16 autocast (GPU) the matmuls still run in bf16.
     """
     for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for wrapper in model.modules():
+        if isinstance(wrapper, ModulesToSaveWrapper):
+            for module in wrapper.modules_to_save.values():
+                if not getattr(module, "_cai_casts_input", False):
+                    module.register_forward_pre_hook(_cast_inputs_to_weight_dtype)
+                    module._cai_casts_input = True
+
+
+def _cast_inputs_to_weight_dtype(module, args):
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if weight is None:
+        return None
+    return tuple(a.to(weight.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def stack_adapters(first: str | Path, second: str | Path, out: str | Path) -> None:

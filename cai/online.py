@@ -18,6 +18,7 @@ from typing import Literal, Sequence
 from cai import runtime, store
 from cai.durable import request_seed
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
+from cai.errors import CaiError
 from cai.policy import TrainSettings, _train_and_save, load_policy, merged_adapter
 from cai.prompt_sets import Prompt
 from cai.reward import RewardScorer
@@ -25,11 +26,31 @@ from cai.reward import RewardScorer
 
 @dataclass(frozen=True)
 class OnlineSettings:
+    """`train.batch_size` counts completions, as in TRL: batch_size x gradient_accumulation_steps
+    completions per optimizer step, `num_generations` of them per prompt. Setting only some of
+    `train`'s keys (`--set train.max_steps=2`, or a recipe's `train:`) keeps the others' online
+    defaults below (lr 1e-5), not the SFT/DPO ones."""
+
     train: TrainSettings = field(default_factory=lambda: TrainSettings(learning_rate=1e-5, batch_size=4))
     num_generations: int = 4
     max_completion_length: int = 64
     temperature: float = 1.0
     beta: float = 0.04  # KL to the reference (adapter disabled)
+
+    def __post_init__(self) -> None:
+        # TRL groups the generation batch (batch_size x gradient_accumulation_steps x processes)
+        # into prompts of num_generations completions; checked here, before any model is loaded.
+        if self.num_generations < 2:
+            raise CaiError(f"must be >= 2 (advantages compare completions of one prompt), got {self.num_generations}",
+                           field="num_generations")
+        effective = self.train.batch_size * self.train.gradient_accumulation_steps
+        if effective % self.num_generations:
+            raise CaiError(
+                f"the effective batch (train.batch_size {self.train.batch_size} x train.gradient_accumulation_steps "
+                f"{self.train.gradient_accumulation_steps} = {effective} completions) must be a multiple of "
+                f"num_generations ({self.num_generations}): every batch holds whole groups of one prompt's completions",
+                field="num_generations",
+            )
 
 
 def reward_function(scorer: RewardScorer):
@@ -63,15 +84,12 @@ def train_online(
     tokenizer.padding_side = "left"
     dataset = datasets.Dataset.from_list([{"prompt": list(p.messages)} for p in prompts])
     config_class, trainer_class = (GRPOConfig, GRPOTrainer) if method == "grpo" else (RLOOConfig, RLOOTrainer)
-    common = runtime.trainer_arguments(train, out_dir, device)
-    # TRL needs the batch to hold whole groups of generations.
-    common["per_device_train_batch_size"] = max(train.batch_size, settings.num_generations)
     config = config_class(
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
         temperature=settings.temperature,
         beta=settings.beta,
-        **common,
+        **runtime.trainer_arguments(train, out_dir, device),
     )
     trainer = trainer_class(model=model, args=config, reward_funcs=[reward_function(scorer)], train_dataset=dataset,
                             processing_class=tokenizer, peft_config=lora)

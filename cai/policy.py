@@ -16,10 +16,12 @@ the SFT model, and the saved `adapter` stacks SFT and DPO adapters into one that
 plain base (`cai.lora.stack_adapters`); with a quantised base (no merging into 4-bit weights) the
 SFT adapter itself is trained further and the reference is the base.
 
-Soft labels in DPO: `soft_labels="label_smoothing"` sets TRL's conservative-DPO label smoothing to
-1 - mean(chosen_prob) of the training set (each pair is treated as flipped with that
-probability); `"filter"` keeps only pairs with chosen_prob >= `min_chosen_prob` as hard labels;
-`"ignore"` uses every pair as a hard label.
+Soft labels in DPO (`soft_labels`): `"soft"` (default) trains each pair against its own
+chosen_prob p with `cai.dpo_soft.SoftDPOTrainer` (conservative DPO for the sigmoid loss, a soft
+target for IPO, the expected hinge for hinge); `"filter"` keeps only pairs with chosen_prob >=
+`min_chosen_prob` and trains them as hard labels (p = 1); `"ignore"` uses every pair as a hard
+label. There is no label-smoothing mode: TRL's sigmoid loss never reads `label_smoothing`.
+metrics.json records the mode, the loss form and the mean p the loss really used.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Literal
 
 from cai import models, runtime, store
 from cai.errors import CaiError
-from cai.lora import LoraSettings, match_trainable_dtype, peft_config, prepare_quantized, quantization_config, stack_adapters
+from cai.lora import LoraSettings, keep_trainable_fp32, peft_config, prepare_quantized, quantization_config, stack_adapters
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,20 @@ class TrainSettings:
 class DPOSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     beta: float = 0.1
-    loss_type: str = "sigmoid"
-    soft_labels: Literal["label_smoothing", "filter", "ignore"] = "label_smoothing"
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    soft_labels: Literal["soft", "filter", "ignore"] = "soft"
     min_chosen_prob: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.soft_labels == "label_smoothing":
+            raise CaiError("'label_smoothing' is gone: TRL's sigmoid DPO loss ignores label_smoothing; use 'soft' "
+                           "(each pair's chosen_prob in the loss), 'filter' or 'ignore'", field="dpo.soft_labels")
+        if self.soft_labels not in ("soft", "filter", "ignore"):
+            raise CaiError(f"unknown mode '{self.soft_labels}' (soft, filter or ignore)", field="dpo.soft_labels")
+        if self.loss_type not in ("sigmoid", "ipo", "hinge"):  # the losses cai.dpo_soft has soft forms of
+            raise CaiError(f"unknown loss type '{self.loss_type}' (sigmoid, ipo or hinge)", field="dpo.loss_type")
+        if not 0.5 <= self.min_chosen_prob <= 1:
+            raise CaiError("must be in [0.5, 1]", field="dpo.min_chosen_prob")
 
 
 def merged_adapter(settings: TrainSettings, adapter: str | None, trainable_adapter: bool = False) -> str | None:
@@ -97,7 +110,7 @@ def _train_and_save(trainer, tokenizer, out_dir: Path, meta: dict, device: str, 
     """Train (resuming from the last checkpoint) and save `out_dir/adapter`, the policy as one
     adapter on the plain base. When training ran on a base with `stacked_on` merged in, the
     trained adapter goes to `out_dir/stage_adapter` and `adapter` stacks the two."""
-    match_trainable_dtype(trainer.model, runtime.model_dtype(device))
+    keep_trainable_fp32(trainer.model)
     result = trainer.train(resume_from_checkpoint=store.latest_checkpoint(out_dir / "checkpoints"))
     adapter_dir = out_dir / "adapter"
     if stacked_on:
@@ -125,7 +138,12 @@ def sft_dataset(path: Path):
     rows = []
     for number, row in enumerate(store.read_jsonl(path), 1):
         messages = row.get("messages")
-        if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
+        if not isinstance(messages, list) or len(messages) < 2 or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise CaiError("needs 'messages': a list of {role: system/user/assistant, content: text}", source=f"{path}:{number}")
+        if messages[-1]["role"] != "assistant":
             raise CaiError("needs 'messages' ending with an assistant answer", source=f"{path}:{number}")
         rows.append({"prompt": messages[:-1], "completion": [messages[-1]]})
     if not rows:
@@ -147,6 +165,9 @@ def train_sft(data: str | Path, model_name: str, out_dir: str | Path, settings: 
 
 
 def dpo_dataset(path: Path, settings: DPOSettings):
+    """Preference records -> TRL rows plus `chosen_prob`, the label the loss uses: the record's own
+    in `soft` mode, 1 (hard) in `filter` and `ignore`. Returns (dataset, mean chosen_prob of the
+    kept records as labelled)."""
     import datasets
 
     from cai.data.importers import load_preferences
@@ -156,7 +177,11 @@ def dpo_dataset(path: Path, settings: DPOSettings):
         records = [r for r in records if r["chosen_prob"] >= settings.min_chosen_prob]
     if not records:
         raise CaiError("no preference pairs left to train on", source=str(path))
-    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
+    rows = [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+         "chosen_prob": float(r["chosen_prob"]) if settings.soft_labels == "soft" else 1.0}
+        for r in records
+    ]
     mean_prob = sum(r["chosen_prob"] for r in records) / len(records)
     return datasets.Dataset.from_list(rows), mean_prob
 
@@ -164,26 +189,29 @@ def dpo_dataset(path: Path, settings: DPOSettings):
 def train_dpo(
     data: str | Path, model_name: str, out_dir: str | Path, settings: DPOSettings = DPOSettings(), *, sft_adapter: str | None = None
 ) -> dict:
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
+
+    from cai.dpo_soft import SOFT_LOSSES, SoftDPOTrainer
 
     out_dir = Path(out_dir)
     train = settings.train
     device = runtime.apply(runtime.RuntimeSettings(threads=train.threads), seed=train.seed)
     path = Path(data)
-    dataset, mean_prob = dpo_dataset(path / "train.jsonl" if path.is_dir() else path, settings)
-    label_smoothing = max(0.0, min(0.49, 1.0 - mean_prob)) if settings.soft_labels == "label_smoothing" else 0.0
+    dataset, data_mean_prob = dpo_dataset(path / "train.jsonl" if path.is_dir() else path, settings)
     model, tokenizer, lora = load_policy(model_name, train, device, adapter=sft_adapter)
     config = DPOConfig(
         beta=settings.beta,
         loss_type=[settings.loss_type],
-        label_smoothing=label_smoothing,
         max_length=train.max_length,
         **runtime.trainer_arguments(train, out_dir, device),
     )
     # ref_model=None with an adapter: TRL computes reference log-probs with the adapter disabled.
-    trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    trainer = SoftDPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    applied = list(trainer.train_dataset["chosen_prob"])  # after TRL's own filtering of over-long prompts
     meta = {
-        "stage": "dpo", "base_model": model_name, "sft_adapter": sft_adapter, "pairs": len(dataset),
-        "label_smoothing": label_smoothing, "mean_chosen_prob": mean_prob, "settings": asdict(settings),
+        "stage": "dpo", "base_model": model_name, "sft_adapter": sft_adapter, "pairs": len(applied),
+        "soft_labels": settings.soft_labels, "loss": SOFT_LOSSES[settings.loss_type],
+        "applied_mean_chosen_prob": sum(applied) / len(applied) if applied else None,
+        "mean_chosen_prob": data_mean_prob, "settings": asdict(settings),
     }
     return _train_and_save(trainer, tokenizer, out_dir, meta, device, stacked_on=merged_adapter(train, sft_adapter))

@@ -9,14 +9,13 @@ digest of the content, so the same prompt has the same id in every run (what res
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from cai.csvio import read_csv
 from cai.errors import CaiError
-from cai.store import stable_id
+from cai.store import parse_json, parse_jsonl, stable_id
 
 TEXT_SUFFIXES = {".txt"}
 
@@ -54,32 +53,26 @@ def load_prompts(source: str, *, columns: dict[str, str] | None = None, split: s
 
 def _rows_from_file(path: Path) -> Iterable[tuple[int, Any]]:
     suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # bytes, not read_text(): newline translation would rewrite "\r\n" inside quoted CSV fields
+        text = path.read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise CaiError(f"cannot read: {exc}", source=str(path)) from None
     if suffix in TEXT_SUFFIXES:
-        return [(n, {"prompt": line.strip()}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return [(n, {"prompt": line.strip()}) for n, line in enumerate(_lines(text), 1) if line.strip()]
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        return [(n, row) for n, row in enumerate(reader, 2)]
+        return read_csv(text, str(path))
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CaiError(f"not valid JSON: {exc.msg}", source=f"{path}:{exc.lineno}") from None
+        data = parse_json(text, str(path))
         if not isinstance(data, list):
             raise CaiError("a JSON prompt file must hold a list of rows", source=str(path))
         return [(n, row) for n, row in enumerate(data, 1)]
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((n, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise CaiError(f"not valid JSON: {exc.msg}", source=f"{path}:{n}") from None
-    return rows
+    return parse_jsonl(text, str(path), objects=False)  # split on "\n" only: rows may hold U+2028
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as an editor numbers them: split at \\n, \\r\\n or \\r only. `str.splitlines()` also
+    splits at U+2028, U+0085 and form feeds, which are text inside a prompt, not line ends."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def _rows_from_datasets(source: str, split: str) -> Iterable[tuple[int, Any]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from cai.errors import CaiError
 from cai.paths import shipped_dir
@@ -41,7 +42,9 @@ class PromptSet:
         search.append(str(shipped_dir("prompts")))
         if prompt_dir and not Path(prompt_dir).is_dir():
             raise CaiError("prompt directory does not exist", source=str(prompt_dir))
-        self.environment = jinja2.Environment(
+        # Templates come from users and shared recipes: sandboxed, so `{{ cycler.__init__.__globals__ }}`
+        # and friends cannot reach Python (os, files, subprocesses) or mutate the render inputs.
+        self.environment = ImmutableSandboxedEnvironment(
             loader=jinja2.FileSystemLoader(search),
             undefined=jinja2.StrictUndefined,
             autoescape=False,
@@ -79,3 +82,7 @@ class PromptSet:
             )
         except jinja2.UndefinedError as exc:
             raise CaiError(f"template variable problem: {exc.message}", source=template.filename) from None
+        except jinja2.exceptions.SecurityError as exc:
+            raise CaiError(f"template refused by the sandbox: {exc}", source=template.filename) from None
+        except jinja2.TemplateError as exc:
+            raise CaiError(f"template failed to render: {exc.message or type(exc).__name__}", source=template.filename) from None

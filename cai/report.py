@@ -3,6 +3,12 @@
 Figures (no plotting library needed; each is a small SVG written here):
 reward distributions of baseline vs policy, win rates with 95% intervals, response length drift,
 and training curves (reward-model loss, policy loss or PPO reward/KL).
+
+The table says how far each number can be trusted: beside every rate the judge produced, its
+accuracy on the labelled calibration checks for that question (rows whose interval reaches down
+to chance are marked UNRELIABLE), and what the judge and the reward model are to the policy. The
+warnings above it say the same in words: a judge that is the policy's own base model, a reward
+model the policy was optimised against, a judge near chance or never checked.
 """
 
 from __future__ import annotations
@@ -83,10 +89,94 @@ def _metrics(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+UNRELIABLE_ROW = ' class="unreliable"'
+RATE_QUESTION = {"harmless_rate": "harm", "over_refusal_rate": "refusal"}
+
+
+def _cell(text) -> str:
+    """A Markdown table cell: a bare "|" (as in "KL(policy || sft)") would split it."""
+    return str(text).replace("|", "\\|")
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]}, {ci[1]}]" if ci else ""
+
+
+def _accuracy(check: dict | None, what: str) -> tuple[str, bool]:
+    """The judge-check text beside a rate, and whether the rate is unreliable."""
+    if not check:
+        return f"judge not validated on the {what}", False
+    text = f"judge accuracy on the {what} {check['accuracy']} {_ci(check['ci95'])}, n={check['n']}"
+    return (text + ": near chance", True) if not check["reliable"] else (text, False)
+
+
+def metric_rows(evaluation: dict) -> list[tuple]:
+    """(metric, value, 95% CI, trust note, unreliable) for the report's table."""
+    rows = []
+    relation = evaluation.get("judge_relation")
+    judged_by = f"judge: {relation}; " if relation else ""
+    for stem, question in RATE_QUESTION.items():
+        for model in ("baseline", "policy"):
+            entry = evaluation.get(f"{stem}_{model}")
+            if entry:
+                note, bad = _accuracy(entry.get("judge_accuracy"), f"{question} question")
+                rows.append((f"{stem}_{model}", entry["rate"], entry["ci95"], judged_by + note, bad))
+    if "win_rate_reward_model" in evaluation:
+        relation_rm = evaluation.get("reward_model_relation")
+        note = f"in-distribution: reward model {relation_rm}" if relation_rm else "reward model of this run"
+        rows.append(("win rate (reward model)", evaluation["win_rate_reward_model"]["all"]["rate"],
+                     evaluation["win_rate_reward_model"]["all"]["ci95"], note, False))
+    if "win_rate_labeller" in evaluation:
+        entry = evaluation["win_rate_labeller"]
+        note, bad = _accuracy(entry.get("judge_accuracy"), "labelled pairs")
+        rows.append(("win rate (AI labeller, both orders)", entry["all"]["rate"], entry["all"]["ci95"], judged_by + note, bad))
+    kl = evaluation.get("kl_to_reference")
+    if isinstance(kl, dict):
+        rows.append((kl["label"], kl["mean"], kl.get("ci95"),
+                     f"{kl['per_token']} nats/token; {kl['mean_tokens']} tokens/response; "
+                     f"{kl['cut_at_max_tokens']:.0%} cut at {kl['max_tokens']} tokens; on {kl['device']}", False))
+    elif kl is not None:  # metrics.json from before the sampled estimate: greedy answers, re-tokenised
+        rows.append((f"KL to the {evaluation.get('baseline', 'base')} model (nats/response, greedy answers)", kl, None,
+                     "old estimate on re-tokenised greedy answers", True))
+    if "mean_length" in evaluation:
+        rows.append(("mean length policy / baseline",
+                     f"{evaluation['mean_length']['policy']:.1f} / {evaluation['mean_length']['baseline']:.1f}", None, "", False))
+    return rows
+
+
+def warnings(evaluation: dict) -> list[str]:
+    """What the reader must know before believing the table, most serious first."""
+    notes = []
+    judge = evaluation.get("judge_model", "the judge")
+    if evaluation.get("judge_relation") == "same base as policy":
+        notes.append(f"The judge ({judge}) is the policy's own base model: the harmless, over-refusal and labeller win "
+                     "rates are the model family grading itself (in-distribution), not an independent evaluation. "
+                     "Name a separate judge with eval.judge_model.")
+    if evaluation.get("judge_is_labeller"):
+        notes.append("The judge also labelled the preferences the policy was trained on: the policy was optimised "
+                     "toward this judge's taste, so its verdicts lean toward the policy.")
+    if evaluation.get("reward_model_relation"):
+        notes.append(f"The reward-model win rate uses the reward model {evaluation['reward_model_relation']}: the policy "
+                     "was trained toward what that model rewards, so a high win rate shows the training took, not that "
+                     "its answers got better.")
+    calibration = evaluation.get("judge_calibration")
+    if calibration is not None:
+        bound = calibration.get("reliable_lower_bound")
+        for key, rates in (("harm", "harmless rates"), ("refusal", "over-refusal rates"), ("preference", "labeller win rate")):
+            check = calibration.get(key)
+            if check and not check["reliable"]:
+                notes.append(f"The judge scored {check['accuracy']} on the labelled {key} checks (95% CI {_ci(check['ci95'])}, "
+                             f"n={check['n']}); the interval reaches below {bound}, near chance, so the {rates} are unreliable.")
+        if not any(calibration.get(k) for k in ("harm", "refusal", "preference")):
+            notes.append("The judge was not checked against labelled answers (eval.judge_calibration is empty): "
+                         "its rates are unvalidated.")
+    return notes
+
+
 def write_report(out: Path, stages: list[str]) -> Path:
     out = Path(out)
     evaluation = _metrics(out / "eval" / "metrics.json")
-    figures, rows = [], []
+    figures = []
     if "reward" in evaluation:
         figures.append(histogram("Reward-model scores: baseline vs policy", {
             "baseline": evaluation["reward"]["baseline"], "policy": evaluation["reward"]["policy"]}))
@@ -113,29 +203,30 @@ def write_report(out: Path, stages: list[str]) -> Path:
         curves["ppo kl"] = [h["kl"] for h in ppo]
     figures.append(lines("Training curves", curves))
     timings = {s: _metrics(out / s / "done.json").get("seconds") for s in stages}
-    for name in ("harmless_rate_baseline", "harmless_rate_policy", "over_refusal_rate_baseline", "over_refusal_rate_policy"):
-        if name in evaluation:
-            rows.append((name, evaluation[name]["rate"], evaluation[name]["ci95"]))
-    for key, label in (("win_rate_reward_model", "win rate (reward model)"), ("win_rate_labeller", "win rate (AI labeller, both orders)")):
-        if key in evaluation:
-            rows.append((label, evaluation[key]["all"]["rate"], evaluation[key]["all"]["ci95"]))
-    if "kl_to_reference" in evaluation:
-        # evaluate_policy measures KL against the baseline: the SFT adapter when there is one, else the base
-        rows.append((f"KL to the {evaluation.get('baseline', 'base')} model (nats/response)", evaluation["kl_to_reference"], None))
-    if "mean_length" in evaluation:
-        rows.append(("mean length policy / baseline", f"{evaluation['mean_length']['policy']:.1f} / {evaluation['mean_length']['baseline']:.1f}", None))
+    rows = metric_rows(evaluation)
+    notes = warnings(evaluation)
+    judge = evaluation.get("judge_model")
+    intro = f"Policy: `{evaluation.get('policy_stage')}` against baseline `{evaluation.get('baseline')}`."
+    if judge:
+        intro += f" Judge: `{judge}` ({evaluation.get('judge_relation', 'relation unknown')})."
 
-    md = [f"# cai run report: {out.name}", "", f"Policy: `{evaluation.get('policy_stage')}` against baseline `{evaluation.get('baseline')}`.", "",
-          "| metric | value | 95% CI |", "|---|---|---|"]
-    md += [f"| {name} | {value} | {ci if ci else ''} |" for name, value, ci in rows]
+    md = [f"# cai run report: {out.name}", "", intro, ""]
+    md += [f"> **Warning:** {note}\n" for note in notes]
+    md += ["| metric | value | 95% CI | trust |", "|---|---|---|---|"]
+    md += [f"| {_cell(name)} | {value} | {_ci(ci)} | {'**UNRELIABLE** ' if bad else ''}{_cell(check)} |" for name, value, ci, check, bad in rows]
     md += ["", "| stage | seconds |", "|---|---|"] + [f"| {s} | {t} |" for s, t in timings.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    table = "".join(f"<tr><td>{html.escape(str(n))}</td><td>{html.escape(str(v))}</td><td>{html.escape(str(c or ''))}</td></tr>" for n, v, c in rows)
+    table = "".join(f"<tr{UNRELIABLE_ROW if bad else ''}><td>{html.escape(str(n))}</td><td>{html.escape(str(v))}</td>"
+                    f"<td>{html.escape(_ci(c))}</td><td>{'<strong>UNRELIABLE</strong> ' if bad else ''}{html.escape(check)}</td></tr>"
+                    for n, v, c, check, bad in rows)
+    alerts = "".join(f'<div class="warning" role="alert"><strong>Warning:</strong> {html.escape(note)}</div>' for note in notes)
     timing_rows = "".join(f"<tr><td>{s}</td><td>{t}</td></tr>" for s, t in timings.items())
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cai report: {html.escape(out.name)}</title>"
-            "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
-            "figure{margin:1em 0}</style></head><body>"
-            f"<h1>cai run report: {html.escape(out.name)}</h1><table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{table}</table>"
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
+            "figure{margin:1em 0}.warning{border-left:6px solid #e45756;background:#fdecea;padding:8px 12px;margin:8px 0}"
+            "tr.unreliable td{color:#b00020}</style></head><body>"
+            f"<h1>cai run report: {html.escape(out.name)}</h1><p>{html.escape(intro).replace('`', '')}</p>{alerts}"
+            f"<table><tr><th>metric</th><th>value</th><th>95% CI</th><th>trust</th></tr>{table}</table>"
             f"{''.join(f for f in figures if f)}<h2>Stage times (s)</h2><table>{timing_rows}</table></body></html>")
     path = out / "report.html"
     path.write_text(page)

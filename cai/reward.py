@@ -15,6 +15,12 @@ subclassing it.
 
 The `score` head is listed in LoRA's `modules_to_save`: otherwise it stays at its random
 initialisation in the saved adapter and a reloaded reward model scores noise (a common failure).
+
+Long pairs are truncated, never dropped (TRL's RewardTrainer drops every pair longer than
+`max_length`: 518 of 1,842 real HH pairs at 256 tokens). cai tokenises each side itself, with the
+text the scorer uses, and keeps the *last* `max_length` tokens: the oldest prompt turns go first,
+the response and its final token (where the reward is read) stay. `metrics.json` counts the
+pairs truncated and the tokens cut. The scorer truncates the same side.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch import nn
 
 from cai import chat, models, runtime, store
 from cai.errors import CaiError
-from cai.lora import match_trainable_dtype, peft_config, prepare_quantized, quantization_config
+from cai.lora import keep_trainable_fp32, peft_config, prepare_quantized, quantization_config
 from cai.policy import TrainSettings
 
 
@@ -93,20 +99,35 @@ def load_preference_file(path: Path) -> list[dict]:
     return load_preferences(str(path))[0]
 
 
-def _dataset(records: Sequence[dict], settings: RewardSettings):
+def reward_text(tokenizer, conversation: Sequence[dict], response: str) -> str:
+    """The text a reward model reads for one answer: the same in training and in scoring."""
+    messages = list(conversation) + [{"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return chat.render_plain(messages)[: -len("\n\nAssistant:")]
+
+
+def _dataset(records: Sequence[dict], settings: RewardSettings, tokenizer):
+    """Tokenised rows (TRL's `chosen_ids`/`rejected_ids`, so TRL neither retokenises nor drops
+    long pairs) and the truncation counts: each side keeps its last `max_length` tokens."""
     import datasets
 
-    rows = [
-        {
-            "prompt": r["prompt"],
-            "chosen": r["chosen"],
-            "rejected": r["rejected"],
+    rows, truncated_pairs, tokens_cut = [], 0, 0
+    for r in records:
+        sides, cut = [], 0
+        for answer in (r["chosen"], r["rejected"]):
+            ids = tokenizer(reward_text(tokenizer, r["prompt"], answer[0]["content"]), add_special_tokens=False)["input_ids"]
+            cut += max(0, len(ids) - settings.max_length)
+            sides.append(ids[-settings.max_length :])
+        truncated_pairs += cut > 0
+        tokens_cut += cut
+        rows.append({
+            "chosen_ids": sides[0],
+            "rejected_ids": sides[1],
             "chosen_prob": 1.0 if settings.hard_labels else float(r["chosen_prob"]),
             "loss_weight": float(settings.source_weights.get(r["source"], 1.0)),
-        }
-        for r in records
-    ]
-    return datasets.Dataset.from_list(rows)
+        })
+    return datasets.Dataset.from_list(rows), {"truncated_pairs": truncated_pairs, "truncated_tokens": tokens_cut}
 
 
 def load_reward_backbone(model_name: str, settings: RewardSettings, device: str):
@@ -154,7 +175,7 @@ def train_reward_model(
         remove_unused_columns=True,
         **runtime.trainer_arguments(settings, out_dir, device),
     )
-    train_dataset = _dataset(train_records, settings)
+    train_dataset, truncation = _dataset(train_records, settings, tokenizer)
     trainer = Trainer(
         model=model,
         args=config,
@@ -162,8 +183,7 @@ def train_reward_model(
         processing_class=tokenizer,
         data_collator=Collator(pad_token_id=tokenizer.pad_token_id),
     )
-    match_trainable_dtype(trainer.model, runtime.model_dtype(device))
-    dropped = len(train_dataset) - len(trainer.train_dataset)
+    keep_trainable_fp32(trainer.model)
     result = trainer.train(resume_from_checkpoint=store.latest_checkpoint(out_dir / "checkpoints"))
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir)
@@ -175,7 +195,7 @@ def train_reward_model(
         tokenizer.save_pretrained(out_dir / "merged")
     metrics = {
         "train_rows": len(train_records),
-        "dropped_too_long": dropped,
+        **truncation,
         "train_loss": result.training_loss,
         "steps": result.global_step,
         "log_history": [h for h in trainer.state.log_history if "loss" in h],
@@ -199,6 +219,7 @@ class RewardScorer:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
+        self.tokenizer.truncation_side = "left"  # like training: cut the oldest prompt tokens, keep the answer
         self.model.eval()
 
     @classmethod
@@ -228,10 +249,7 @@ class RewardScorer:
         return cls(model, tokenizer, batch_size=batch_size)
 
     def _text(self, conversation: Sequence[dict], response: str) -> str:
-        messages = list(conversation) + [{"role": "assistant", "content": response}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return chat.render_plain(messages)[: -len("\n\nAssistant:")]
+        return reward_text(self.tokenizer, conversation, response)
 
     @torch.no_grad()
     def score(self, conversations: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
@@ -256,31 +274,51 @@ def evaluate_reward_model(scorer: RewardScorer, records: Sequence[dict], bins: i
     prompts = [r["prompt"] for r in records]
     chosen = scorer.score(prompts, [r["chosen"][0]["content"] for r in records])
     rejected = scorer.score(prompts, [r["rejected"][0]["content"] for r in records])
-    rows = []
-    for record, c, rj in zip(records, chosen, rejected):
-        rows.append({"ai": is_ai(record), "correct": c > rj, "p_model": 1 / (1 + math.exp(-(c - rj))), "label": record["chosen_prob"]})
+    rows = [{"ai": is_ai(record), "correct": c > rj, "p_model": 1 / (1 + math.exp(-(c - rj)))}
+            for record, c, rj in zip(records, chosen, rejected)]
 
     def accuracy(subset):
         return round(sum(r["correct"] for r in subset) / len(subset), 4) if subset else None
 
-    # Expected calibration error of P(chosen > rejected) against the label probability.
-    ece, total = 0.0, len(rows)
-    for b in range(bins):
-        low, high = b / bins, (b + 1) / bins
-        in_bin = [r for r in rows if low <= r["p_model"] < high or (b == bins - 1 and r["p_model"] == 1.0)]
-        if in_bin:
-            confidence = sum(r["p_model"] for r in in_bin) / len(in_bin)
-            observed = sum(r["label"] for r in in_bin) / len(in_bin)
-            ece += len(in_bin) / total * abs(confidence - observed)
-    every = chosen + rejected
-    mean = sum(every) / len(every)
-    std = math.sqrt(sum((x - mean) ** 2 for x in every) / len(every))
+    total = len(rows)
     return {
         "pairs": total,
         "accuracy": accuracy(rows),
         "accuracy_human": accuracy([r for r in rows if not r["ai"]]),
         "accuracy_ai": accuracy([r for r in rows if r["ai"]]),
-        "ece": round(ece, 4),
+        "ece": round(expected_calibration_error([r["p_model"] for r in rows], [r["correct"] for r in rows], bins), 4),
+        **_reward_statistics(chosen, rejected),
+    }
+
+
+def expected_calibration_error(p_chosen: Sequence[float], agrees: Sequence[bool], bins: int = 10) -> float:
+    """ECE as usually defined (Guo et al. 2017) for a pairwise preference model.
+
+    The model's confidence in its own pick is max(P, 1 - P), P = sigmoid(r_chosen - r_rejected);
+    `agrees` says whether its pick (chosen when r_chosen > r_rejected) is the labelled winner.
+    Confidences fall in `bins` equal-width bins of [0, 1]; ECE is the bin-size-weighted mean of
+    |mean confidence - fraction agreeing|. 0 means "right 80% of the time when 80% sure".
+    (Comparing P with the label itself, as cai once did, reports 1 - mean P on hard labels.)
+    """
+    if not p_chosen:
+        return 0.0
+    confidences = [max(p, 1 - p) for p in p_chosen]
+    ece = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        in_bin = [i for i, c in enumerate(confidences) if low <= c < high or (b == bins - 1 and c == 1.0)]
+        if in_bin:
+            confidence = sum(confidences[i] for i in in_bin) / len(in_bin)
+            observed = sum(bool(agrees[i]) for i in in_bin) / len(in_bin)
+            ece += len(in_bin) / len(confidences) * abs(confidence - observed)
+    return ece
+
+
+def _reward_statistics(chosen: Sequence[float], rejected: Sequence[float]) -> dict:
+    every = list(chosen) + list(rejected)
+    mean = sum(every) / len(every)
+    std = math.sqrt(sum((x - mean) ** 2 for x in every) / len(every))
+    return {
         "reward_mean": round(mean, 4),
         "reward_std": round(std, 4),
         "reward_chosen_mean": round(sum(chosen) / len(chosen), 4),

@@ -1,8 +1,9 @@
 """`cai run RECIPE`: run a recipe's stages in order, each into `<output_dir>/<stage>/`.
 
 A stage is skipped when it finished before with the same fingerprint: its own section of the
-recipe, the settings shared by every stage (model, constitution, seed, engine), and the
-fingerprints of the stages before it (a changed upstream stage reruns everything after it). Each
+recipe, the settings shared by every stage (model, constitution, seed, engine), the content of
+every file those name (an edited principle, prompt file or template reruns the stages that read
+it), and the fingerprints of the stages before it (a changed upstream stage reruns everything after it). Each
 finished stage writes `done.json` with its fingerprint, wall time and summary; generating stages
 also resume mid-way from their own work logs, training stages from their last checkpoint.
 """
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cai import store
+from cai import digests, store
 from cai.errors import CaiError
 from cai.recipe import POLICY_STAGES, STAGES, PromptSource, Recipe, resolve_path
 
@@ -45,14 +46,30 @@ class RecipeRunner:
         self.out = recipe.out
         self.log = log
         self._fingerprints: dict[str, str] = {}
+        self._shared: dict | None = None
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def fingerprint(self, stage: str) -> str:
+        """What the stage's output depends on: its section, the shared settings, the *content* of
+        every file they name (constitution, prompt files, templates, blend sources: see
+        `cai.digests`) and the fingerprints of the stages before it."""
         r = self.recipe
-        shared = {"model": r.model, "constitution": r.constitution, "seed": r.seed, "engine": dataclasses.asdict(r.engine)}
+        shared = {"model": r.model, "constitution": r.constitution, "seed": r.seed, "engine": dataclasses.asdict(r.engine),
+                  "contents": self._shared_contents()}
         upstream = [self._fingerprints[s] for s in r.stages if s in self._fingerprints and STAGES.index(s) < STAGES.index(stage)]
         section = dataclasses.asdict(getattr(r, stage))
-        return store.stable_id(stage, shared, section, upstream)
+        return store.stable_id(stage, shared, section, upstream, digests.input_digests(section, resolve_path))
+
+    def _shared_contents(self) -> dict:
+        """Content of the inputs every stage shares: the constitution's validated content (its
+        hash, as records carry it; comments and formatting do not count), the shipped prompt
+        templates, and the model folder when the model is a local one."""
+        if self._shared is None:
+            from cai.prompts import PromptSet
+
+            self._shared = {"constitution": self.constitution().hash, "templates": PromptSet().hash(),
+                            "model": digests.input_digests(self.recipe.model, resolve_path)}
+        return self._shared
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
@@ -104,13 +121,21 @@ class RecipeRunner:
         A stage rerun because its settings or an upstream stage changed must not resume from
         the old run's work: a DPO checkpoint made with another learning rate, or samples drawn
         from an SFT adapter since retrained at the same path, would be silently reused.
+        Only a folder cai marked (stage.json, done.json or a run manifest) is cleared, and only
+        of the names cai writes; a folder of someone else's files is refused untouched.
         """
         directory = self.stage_dir(stage)
         marker = directory / "stage.json"
-        if directory.exists() and _recorded_fingerprint(marker) != fingerprint and any(p.name != ".cai.lock" for p in directory.iterdir()):
+        names = store.entries(directory)
+        if names and _recorded_fingerprint(marker) != fingerprint:
+            if not store.has_cai_marker(directory):
+                raise CaiError(f"holds {store.name_list(names)} but no readable stage.json, so cai cannot tell it wrote "
+                               "them: move them away or set another output_dir", source=str(directory))
             self.log(f"[{stage}] settings or inputs changed since the partial run in {directory}: starting it afresh")
-            store.clear_directory(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+            kept = store.clear_directory(directory, keep=("stage.json",))
+            if kept:
+                self.log(f"[{stage}] kept files cai did not write: {store.name_list(kept)}")
+        store.make_dirs(directory)
         store.write_json_atomic(marker, {"fingerprint": fingerprint})
 
     # -- shared objects -------------------------------------------------------------------------------
@@ -189,7 +214,7 @@ class RecipeRunner:
         from cai.blend import SourceSpec, blend
 
         section = self.recipe.blend
-        sources = [SourceSpec(resolve_path(s.path), s.weight) for s in section.sources]
+        sources = [SourceSpec(resolve_path(s.path), s.weight, s.skip_malformed) for s in section.sources]
         if section.include_ai_labels and "label" in self.recipe.stages:
             sources.append(SourceSpec(str(self.stage_dir("label") / "preferences.jsonl"), section.ai_weight))
         if section.include_critique_pairs and "critique" in self.recipe.stages:
@@ -197,7 +222,13 @@ class RecipeRunner:
         sources = [s for s in sources if Path(s.path).exists() and Path(s.path).stat().st_size > 0]
         if not sources:
             raise CaiError("nothing to blend: no AI labels, critique pairs or extra sources", field="blend")
-        return blend(sources, self.stage_dir("blend"), by=section.by, eval_fraction=section.eval_fraction, seed=self.recipe.seed)
+        summary = blend(sources, self.stage_dir("blend"), by=section.by, eval_fraction=section.eval_fraction, seed=self.recipe.seed)
+        for source in summary["sources"]:
+            if source["malformed_skipped"]:
+                self.log(f"[blend] skipped {source['malformed_skipped']} malformed row(s) of {source['source']} "
+                         f"(rows {', '.join(str(r['row']) for r in source['malformed_rows'][:10])}"
+                         f"{', ...' if source['malformed_skipped'] > 10 else ''}; see blend/summary.json)")
+        return summary
 
     def _rm(self) -> dict:
         from cai.reward import train_reward_model
@@ -260,6 +291,14 @@ class RecipeRunner:
                          sampling=section.sampling, adapter="sft" if sft else None, seed=self.recipe.seed)
 
     def _eval(self) -> dict:
+        """The judge is `eval.judge_model` (default: the recipe's model, flagged in the report) on
+        `eval.judge_engine` (default: the recipe's engine). The judge and the reward model are
+        built only when their phase comes, and on a GPU every engine is handed back between
+        phases, so one card holds the policy's engine, the KL model and the judge in turn."""
+        import gc
+
+        from cai.engines import close_all, get_engine
+        from cai.eval_judge import judge_relation, load_calibration, reward_model_relation, same_model
         from cai.evaluation import evaluate_policy
 
         section = self.recipe.eval
@@ -268,19 +307,49 @@ class RecipeRunner:
         baseline = self.adapter("sft")
         if policy is None:
             raise CaiError("eval needs a trained policy: add dpo, ppo, grpo or rloo to the stages", field="stages")
+        judge_model = section.judge_model or self.recipe.model
+        shared = self.recipe.engine
+        served = getattr(shared.openai, "served_model", None) or getattr(shared.openai, "tokenizer", None)
+        if section.judge_engine is None and shared.kind == "openai" and served and not same_model(judge_model, self.recipe.model):
+            raise CaiError(f"the judge '{judge_model}' would be asked through engine.openai, whose servers run '{served}': "
+                           "point eval.judge_engine at the server that serves the judge", field="eval.judge_engine")
+        calibration = load_calibration(resolve_path(section.judge_calibration)) if section.judge_calibration else []
+
+        def judge_engine():
+            if section.judge_engine is None:
+                return self.engine(judge_model)
+            settings = dataclasses.replace(section.judge_engine, threads=section.judge_engine.threads or self.recipe.threads,
+                                           trust_remote_code=self.recipe.trust_remote_code)
+            return get_engine(judge_model, settings)
+
+        def free_device() -> None:
+            import torch
+
+            if torch.cuda.is_available():
+                close_all()
+                gc.collect()
+                torch.cuda.empty_cache()
+
         adapters = {"policy": policy, **({"baseline": baseline} if baseline else {})}
         engine = self.engine(adapters=adapters)
-        judge = self.engine(section.judge_model)
-        scorer = self._scorer() if "rm" in self.recipe.stages else None
         metrics = evaluate_policy(
-            engine, judge, self.constitution(), _load_prompt_sources(section.red_team, "eval.red_team"),
+            engine, judge_engine, self.constitution(), _load_prompt_sources(section.red_team, "eval.red_team"),
             _load_prompt_sources(section.benign, "eval.benign"), self.stage_dir("eval"),
-            policy_adapter="policy", baseline_adapter="baseline" if baseline else None, scorer=scorer,
-            model_name=self.recipe.model, policy_adapter_path=policy, baseline_adapter_path=baseline, max_tokens=section.max_tokens,
+            policy_adapter="policy", baseline_adapter="baseline" if baseline else None,
+            scorer=self._scorer if "rm" in self.recipe.stages else None,
+            model_name=self.recipe.model, policy_adapter_path=policy, baseline_adapter_path=baseline,
+            baseline_name="sft" if baseline else "base", max_tokens=section.max_tokens,
             harm_question=section.harm_question, refusal_question=section.refusal_question,
-            preference=section.preference, seed=self.recipe.seed, log=self.log,
+            preference=section.preference, calibration=calibration, kl=section.kl, free_device=free_device,
+            seed=self.recipe.seed, threads=self.recipe.threads, trust_remote_code=self.recipe.trust_remote_code, log=self.log,
         )
         metrics["policy_stage"] = policy_stage
         metrics["baseline"] = "sft" if baseline else "base"
+        metrics["judge_relation"] = judge_relation(judge_model, self.recipe.model)
+        if "label" in self.recipe.stages:
+            metrics["judge_is_labeller"] = same_model(judge_model, self.recipe.label.model or self.recipe.model)
+        if "win_rate_reward_model" in metrics:
+            metrics["reward_model_relation"] = reward_model_relation(policy_stage)
+        metrics["judge_calibration"]["file"] = section.judge_calibration
         store.write_json_atomic(self.stage_dir("eval") / "metrics.json", metrics)
         return {k: v for k, v in metrics.items() if k != "reward"}

@@ -5,6 +5,11 @@
 Writes `responses.jsonl`: one row per prompt with its k responses and provenance. Each prompt's
 request carries its own seed, so a killed run resumes to exactly the rows an uninterrupted run
 writes (see `cai.durable`).
+
+The policy is asked the prompt's own messages (`policy_messages`), with no system turn added, as
+in PPO/GRPO and evaluation; SL-CAI's SFT rows and pairs carry the same messages. The
+constitution's `system` prompt steers only the critique-and-revision conversation. A system prompt
+meant for the policy belongs in the prompt file's `messages`, where every stage sees it.
 """
 
 from __future__ import annotations
@@ -25,12 +30,20 @@ class SampleSettings:
     k: int = 2
     seed: int = 0
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(temperature=1.0, max_tokens=256))
-    system: str | None = None
     chunk_size: int = 128
 
     def __post_init__(self) -> None:
         if self.k < 2:
             raise CaiError("k must be >= 2 to form pairs", field="sample.k")
+
+
+def policy_messages(prompt: Prompt) -> list[dict]:
+    """The conversation the policy is trained on and asked: the prompt's messages as given.
+
+    The one place that decides it (see the module docstring); `cai.critique` writes its SFT rows
+    and preference prompts with it, so they match what sampling, PPO and evaluation send.
+    """
+    return [dict(m) for m in prompt.messages]
 
 
 def run_sampling(
@@ -59,15 +72,13 @@ def _run_sampling(engine, prompts, out_dir: Path, settings: SampleSettings, adap
         "k": settings.k,
         "seed": settings.seed,
         "sampling": asdict(sampling),
-        "system": settings.system,
     }
     store.prepare_run_dir(out_dir, fingerprint, overwrite=overwrite)
-    system = [{"role": "system", "content": settings.system}] if settings.system else []
     row_ids = {p.id: store.stable_id(list(p.messages), fingerprint) for p in prompts}
     worklog = store.WorkLog(out_dir / "work" / "samples.jsonl")
     done = worklog.read()
     items = [
-        WorkItem(row_ids[p.id], ChatPrompt.of(system + list(p.messages)), request_seed(row_ids[p.id], settings.seed))
+        WorkItem(row_ids[p.id], ChatPrompt.of(policy_messages(p)), request_seed(row_ids[p.id], settings.seed))
         for p in prompts
         if row_ids[p.id] not in done
     ]
@@ -88,7 +99,7 @@ def _run_sampling(engine, prompts, out_dir: Path, settings: SampleSettings, adap
             "id": row_ids[p.id],
             "prompt_id": p.id,
             "category": p.category,
-            "prompt": system + [dict(m) for m in p.messages],
+            "prompt": policy_messages(p),
             "responses": done[row_ids[p.id]]["texts"],
             "finish_reasons": done[row_ids[p.id]]["finish_reasons"],
             "provenance": provenance,

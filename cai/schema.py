@@ -54,7 +54,7 @@ def validate_record(name: str, record: Any, source: str) -> None:
 
 def _offending_key(error: jsonschema.ValidationError) -> str | None:
     if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})), key=str)
         return extra[0] if extra else None
     if error.validator == "required":
         return None
@@ -64,7 +64,7 @@ def _offending_key(error: jsonschema.ValidationError) -> str | None:
 def describe(error: jsonschema.ValidationError) -> str:
     kind, instance, value = error.validator, error.instance, error.validator_value
     if kind == "additionalProperties":
-        extra = sorted(set(instance) - set(error.schema.get("properties", {})))
+        extra = sorted(set(instance) - set(error.schema.get("properties", {})), key=str)
         allowed = ", ".join(error.schema.get("properties", {}))
         return f"unknown key '{extra[0]}' (allowed: {allowed})"
     if kind == "required":

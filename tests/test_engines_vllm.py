@@ -101,7 +101,11 @@ def vllm_server(smollm2_dir):
         pytest.fail("vllm server did not become healthy in 240 s")
     yield url + "/v1"
     proc.terminate()
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a server that ignores SIGTERM must not outlive the tests
+        proc.kill()
+        proc.wait(timeout=30)
     log.close()
 
 

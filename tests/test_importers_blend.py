@@ -193,3 +193,127 @@ def test_blend_output_feeds_trl_reward_and_dpo_trainers(tmp_path, tiny_causal_lm
         train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(tiny_causal_lm_dir),
     )
     assert dpo.train().training_loss > 0
+
+
+def test_eval_split_holds_out_whole_prompts_across_sources(tmp_path):
+    """k = 4 samples labelled with `pairing: all` give 6 pairs per prompt; a human file asks some
+    of the same questions. No prompt may be both trained on and evaluated on."""
+    ai_rows = [ai_record(f"q{i}", f"answer {a} to {i}", f"answer {b} to {i}")
+               for i in range(10) for a in range(4) for b in range(a + 1, 4)]
+    ai = write_jsonl(tmp_path / "ai.jsonl", ai_rows)
+    human = write_jsonl(tmp_path / "human.jsonl", [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(0, 20, 2)])
+    summary = blend([SourceSpec(str(ai)), SourceSpec(str(human))], tmp_path / "out", eval_fraction=0.2, seed=0)
+    train = list(read_jsonl(tmp_path / "out" / "train.jsonl"))
+    evaluation = list(read_jsonl(tmp_path / "out" / "eval.jsonl"))
+    train_prompts = {r["prompt"][0]["content"] for r in train}
+    eval_prompts = {r["prompt"][0]["content"] for r in evaluation}
+    assert eval_prompts and not train_prompts & eval_prompts
+    stats = {Path(s["source"]).stem: s for s in summary["sources"]}
+    assert stats["ai"]["eval_prompts"] == 2 and stats["ai"]["eval"] == 12  # every pair of a held-out prompt
+    assert stats["human"]["eval_prompts"] == 2 and len(train) + len(evaluation) == 70
+
+
+HH_BAD = [
+    {"chosen": "\n\nHuman: Say hi\n\nAssistant:", "rejected": "\n\nHuman: Say hi\n\nAssistant: Hi!"},  # empty final turn
+    BROKEN,  # the transcripts differ before the last turn
+]
+
+
+def test_blend_skips_and_lists_malformed_rows_when_asked(tmp_path, monkeypatch):
+    hh = write_jsonl(tmp_path / "hh.jsonl", HH + HH_BAD)
+    with pytest.raises(CaiError, match="2 malformed row"):
+        blend([SourceSpec(str(hh))], tmp_path / "strict")
+    summary = blend([SourceSpec(str(hh), skip_malformed=True)], tmp_path / "out", eval_fraction=0.0)
+    expected = [{"row": 3, "reason": "'chosen' has an empty final Assistant turn"},
+                {"row": 4, "reason": "'chosen' and 'rejected' differ before the final Assistant turn"}]
+    source = summary["sources"][0]
+    assert source["malformed_skipped"] == 2 and source["malformed_rows"] == expected and source["read"] == 2
+    assert summary["train"] == 2 and json.loads((tmp_path / "out" / "summary.json").read_text())["malformed_skipped"] == 2
+    # The recipe key reaches the blend through `cai run`.
+    from cai.recipe import load_recipe
+    from cai.run import RecipeRunner
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\noutput_dir: {tmp_path / 'run'}\nstages: [blend]\n"
+                      f"blend:\n  eval_fraction: 0.0\n  sources: [{{path: {hh}, skip_malformed: true}}]\n")
+    logs = []
+    RecipeRunner(load_recipe(recipe), log=logs.append).run()
+    written = json.loads((tmp_path / "run" / "blend" / "summary.json").read_text())
+    assert written["sources"][0]["malformed_rows"] == expected
+    assert any("skipped 2 malformed row(s)" in line and "rows 3, 4" in line for line in logs)
+
+
+def run_cai(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cai.cli", *args], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parent.parent, timeout=300)
+
+
+def test_cai_blend_command(tmp_path):
+    hh = write_jsonl(tmp_path / "hh.jsonl", HH + HH_BAD)
+    ai = write_jsonl(tmp_path / "ai.jsonl", [ai_record(f"q{i}", "x", "y") for i in range(10)])
+    result = run_cai("blend", f"{hh}:1", f"{ai}:0.5", "--out", str(tmp_path / "out"), "--skip-malformed", "--eval-fraction", "0.2")
+    assert result.returncode == 0, result.stderr
+    for name in ("train.jsonl", "eval.jsonl", "summary.json"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["malformed_skipped"] == 2 and summary["train"] + summary["eval"] == len(list(read_jsonl(tmp_path / "out" / "train.jsonl"))) + len(list(read_jsonl(tmp_path / "out" / "eval.jsonl")))
+    assert "skipped 2 malformed row(s)" in result.stdout and "row 3: 'chosen' has an empty final Assistant turn" in result.stdout
+    assert "conflicts: 0 human-vs-AI" in result.stdout
+    strict = run_cai("blend", str(hh), "--out", str(tmp_path / "strict"))
+    assert strict.returncode == 2 and "2 malformed row(s)" in strict.stderr and "Traceback" not in strict.stderr
+
+
+class ScriptedEngine:
+    """Answers by the request: a critique, a revision or else an initial answer (no model needed)."""
+
+    name, model = "scripted", "scripted"
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, sampling, adapter=None, seeds=None):
+        from cai.engines.base import Generation
+
+        self.calls.append(list(prompts))
+        out = []
+        for prompt in prompts:
+            last = prompt.messages[-1]["content"]
+            text = ("It helps with harm." if "Point out harm" in last else
+                    "I would rather suggest a safer option." if "Remove it" in last else "Sure, here is a detailed plan.")
+            out.append(Generation(texts=[text] * sampling.n, prompt_tokens=1, completion_tokens=[5] * sampling.n,
+                                  finish_reasons=["stop"] * sampling.n))
+        return out
+
+
+def test_training_rows_carry_the_prompt_the_sampler_sends(tmp_path):
+    """One choice: the constitution's system prompt steers the critique conversation only; SFT
+    rows and critique pairs carry the prompt as sampling (and PPO, evaluation) send it, so
+    critique pairs and AI labels for one question also meet in the blend."""
+    from cai.constitution import loads_constitution
+    from cai.critique import CritiqueRun, CritiqueSettings
+    from cai.engines.base import SamplingSettings
+    from cai.prompt_sets import Prompt
+    from cai.prompts import PromptSet
+    from cai.sampling import SampleSettings, run_sampling
+
+    constitution = loads_constitution(
+        "name: t\nsystem: You are a careful assistant.\nprinciples:\n  - {id: harm, critique: Point out harm., revision: Remove it.}\n"
+        "preferences:\n  - {id: p, text: \"Which is less harmful?\"}\n", "t.yaml")
+    prompts = [Prompt(id="p0", messages=({"role": "user", "content": "How do I pick a lock?"},)),
+               Prompt(id="p1", messages=({"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi?"}))]
+    critique_engine = ScriptedEngine()
+    CritiqueRun(critique_engine, constitution, prompts, PromptSet(), tmp_path / "critique",
+                CritiqueSettings(rounds=1, few_shot=0), show_progress=False).run()
+    assert critique_engine.calls[0][0].messages[0] == {"role": "system", "content": "You are a careful assistant."}  # critique uses it
+    sampler = ScriptedEngine()
+    run_sampling(sampler, prompts, tmp_path / "sample", SampleSettings(k=2, sampling=SamplingSettings(max_tokens=8)), show_progress=False)
+    sent = [list(p.messages) for p in sampler.calls[0]]
+    sft = [row["messages"][:-1] for row in read_jsonl(tmp_path / "critique" / "sft.jsonl")]
+    pairs = [row["prompt"] for row in read_jsonl(tmp_path / "critique" / "preferences.jsonl")]
+    responses = [row["prompt"] for row in read_jsonl(tmp_path / "sample" / "responses.jsonl")]
+    assert sft == sent and pairs == sent and responses == sent
+    assert sent == [[dict(m) for m in p.messages] for p in prompts]

@@ -95,7 +95,7 @@ def test_killed_conversion_never_leaves_a_loadable_half_folder(cache, tmp_path):
         models.materialize_atomically(Path({str(target)!r}), build)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "CAI_CACHE": str(cache)})
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "CAI_CACHE": str(cache)}, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert not target.exists()
     assert len(list(target.parent.glob(".thing.tmp-*"))) == 1  # the corpse

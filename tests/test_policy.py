@@ -69,13 +69,87 @@ def test_dpo_moves_toward_chosen(tiny_causal_lm_dir, tmp_path):
     with tuned.disable_adapter():
         margin_before = completion_logprob(tuned, tokenizer, "Question 1?", "yes please") - completion_logprob(tuned, tokenizer, "Question 1?", "no way")
     assert margin_after > margin_before + 1
-    assert metrics["label_smoothing"] == 0.0 and metrics["log_history"][-1]["loss"] < metrics["log_history"][0]["loss"]
+    assert metrics["soft_labels"] == "soft" and metrics["applied_mean_chosen_prob"] == 1.0
+    assert metrics["log_history"][-1]["loss"] < metrics["log_history"][0]["loss"]
 
 
-def test_dpo_soft_labels_become_label_smoothing(tiny_causal_lm_dir, tmp_path):
+def soft_trainer(model_dir, tmp_path, loss_type="sigmoid", prob=0.7):
+    """A SoftDPOTrainer on four pairs labelled `prob`, and one batch from its own dataloader."""
+    from trl import DPOConfig
+
+    from cai import runtime
+    from cai.dpo_soft import SoftDPOTrainer
+    from cai.policy import dpo_dataset, load_policy
+
+    settings = small(batch_size=4)
+    dataset, _ = dpo_dataset(write_pairs(tmp_path / "p.jsonl", n=4, prob=prob), DPOSettings(train=settings))
+    model, tokenizer, lora = load_policy(str(model_dir), settings, "cpu")
+    config = DPOConfig(beta=0.1, loss_type=[loss_type], max_length=128, **runtime.trainer_arguments(settings, tmp_path / "out", "cpu"))
+    trainer = SoftDPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    return trainer, next(iter(trainer.get_train_dataloader()))
+
+
+def loss_and_grad(trainer, batch, p):
+    trainer.model.zero_grad()
+    batch = {**batch, "chosen_prob": torch.full_like(batch["chosen_prob"], p)}
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = torch.cat([q.grad.flatten() for n, q in trainer.model.named_parameters() if "lora_" in n])
+    return loss.item(), grads
+
+
+def move_off_reference(model):
+    """LoRA starts with B = 0 (policy == reference, margin 0); give B fixed values so margins differ."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_soft_label_moves_loss_and_gradient_and_p1_is_trls_loss(tiny_causal_lm_dir, tmp_path, loss_type):
+    from trl import DPOTrainer
+
+    trainer, batch = soft_trainer(tiny_causal_lm_dir, tmp_path, loss_type)
+    assert batch["chosen_prob"].tolist() == pytest.approx([0.7] * 4)  # the column survived TRL's processing
+    move_off_reference(trainer.model)
+    hard, hard_grad = loss_and_grad(trainer, batch, 1.0)
+    soft, soft_grad = loss_and_grad(trainer, batch, 0.7)
+    trl_loss = DPOTrainer._compute_loss(trainer, trainer.model, {k: v for k, v in batch.items() if k != "chosen_prob"}, False)
+    assert hard == pytest.approx(trl_loss.item(), rel=1e-6, abs=1e-7)
+    assert abs(soft - hard) > 1e-3
+    assert not torch.allclose(soft_grad, hard_grad)
+
+
+def test_half_label_gives_no_gradient_while_policy_is_the_reference(tiny_causal_lm_dir, tmp_path):
+    trainer, batch = soft_trainer(tiny_causal_lm_dir, tmp_path)  # fresh adapter: margin exactly 0
+    _, half = loss_and_grad(trainer, batch, 0.5)
+    _, hard = loss_and_grad(trainer, batch, 1.0)
+    assert torch.count_nonzero(half) == 0
+    assert hard.abs().max() > 1e-4
+
+
+def test_soft_labels_train_end_to_end_and_record_what_was_applied(tiny_causal_lm_dir, tmp_path):
     metrics = train_dpo(write_pairs(tmp_path / "p.jsonl", prob=0.8), str(tiny_causal_lm_dir), tmp_path / "dpo",
-                        DPOSettings(train=small(max_steps=1)))
-    assert metrics["label_smoothing"] == pytest.approx(0.2)
+                        DPOSettings(train=small(max_steps=2)))
+    assert metrics["soft_labels"] == "soft" and metrics["loss"].startswith("conservative sigmoid")
+    assert metrics["applied_mean_chosen_prob"] == pytest.approx(0.8) and metrics["steps"] == 2
+    assert all(h["chosen_prob"] == pytest.approx(0.8) for h in metrics["log_history"])  # what the loss saw
+    stored = json.loads((tmp_path / "dpo" / "metrics.json").read_text())
+    assert stored["soft_labels"] == "soft" and stored["applied_mean_chosen_prob"] == pytest.approx(0.8)
+
+    hard = train_dpo(write_pairs(tmp_path / "p.jsonl", prob=0.8), str(tiny_causal_lm_dir), tmp_path / "hard",
+                     DPOSettings(train=small(max_steps=1), soft_labels="ignore"))
+    assert hard["applied_mean_chosen_prob"] == 1.0 and hard["mean_chosen_prob"] == pytest.approx(0.8)
+    assert hard["log_history"][0]["chosen_prob"] == 1.0
+
+
+def test_label_smoothing_mode_is_refused():
+    from cai.errors import CaiError
+
+    with pytest.raises(CaiError, match="TRL's sigmoid DPO loss ignores label_smoothing"):
+        DPOSettings(soft_labels="label_smoothing")
 
 
 def test_reference_by_disabled_adapter_is_exactly_the_base(tiny_causal_lm_dir, tmp_path):

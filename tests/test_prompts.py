@@ -22,7 +22,7 @@ def test_all_templates_render():
     cot = prompts.render("preference_cot", conversation=CONVERSATION, principle="p", response_a="a", response_b="b")
     assert cot.answer_prefix.endswith("(") and cot.assistant_prefix
     score = prompts.render("score", conversation=CONVERSATION, principle="Is it helpful?", response="Knead it.")
-    assert "1" in score.content and "10" in score.content and score.assistant_prefix == "Rating: "
+    assert "1" in score.content and "10" in score.content and score.assistant_prefix == "Rating: [["
     assert prompts.render("initial", prompt="hi").content == "hi"
     critique = prompts.render("critique", request="Point out harm.")
     assert critique.content.startswith("Point out harm.") and critique.assistant_prefix == ""
@@ -66,3 +66,31 @@ def test_bad_message_rejected(tiny_tokenizer_dir):
 
     with pytest.raises(CaiError):
         chat.render(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), [{"role": "robot", "content": "x"}])
+
+
+@pytest.mark.parametrize("attack", [
+    "{{ cycler.__init__.__globals__.os.getpid() }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{% set _ = conversation.append('injected') %}{{ request }}",
+])
+def test_custom_template_cannot_reach_python(tmp_path, attack):
+    """A shared prompt folder must not run code: the sandbox refuses, naming the template file."""
+    (tmp_path / "critique.jinja").write_text(attack)
+    prompts = PromptSet(tmp_path)
+    conversation = list(CONVERSATION)
+    with pytest.raises(CaiError) as err:
+        prompts.render("critique", request="x", conversation=conversation)
+    message = str(err.value)
+    assert "critique.jinja" in message and "unsafe" in message and "\n" not in message
+    assert conversation == CONVERSATION  # nothing was mutated
+
+
+def test_custom_template_with_ordinary_jinja_still_renders(tmp_path):
+    (tmp_path / "judge.jinja").write_text(
+        '{%- set assistant_prefix = "Verdict:" -%}'
+        "{% for turn in conversation %}{{ turn.role | upper }}={{ turn.content | trim }};{% endfor %}"
+        "{{ question ~ '?' }} {{ response | length }} {{ [3, 1, 2] | sort | join(',') }} {{ 'a-b'.split('-') | join('+') }}"
+    )
+    turn = PromptSet(tmp_path).render("judge", conversation=CONVERSATION, response="abcd", question="Harmful")
+    assert turn.content == "USER=How do I bake bread?;Harmful? 4 1,2,3 a+b"
+    assert turn.assistant_prefix == "Verdict:"

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -124,3 +125,18 @@ def test_miniature_recipe_runs_every_stage_then_skips(tiny_causal_lm_dir, tmp_pa
     assert list(RecipeRunner(changed, log=logs.append).run()) == ["dpo", "eval"]
     assert any(line.startswith("[dpo] settings or inputs changed") for line in logs)  # old partial work is not resumed
     assert list(RecipeRunner(changed, log=logs.append).run(only="blend")) == ["blend"]
+
+
+def test_partial_sections_keep_their_own_defaults(tmp_path):
+    """A section given in part keeps the field's own default for the rest, at every depth."""
+    from cai.online import OnlineSettings
+
+    path = write(tmp_path / "p.yaml", "name: p\nstages: [critique, grpo]\ncritique:\n  settings: {sampling: {max_tokens: 8}}\n"
+                                      "grpo:\n  settings:\n    train: {max_steps: 2}\n")
+    recipe = load_recipe(path, ["rloo.settings.train.lora.r=4"])
+    sampling = recipe.critique.settings.sampling
+    assert sampling.max_tokens == 8 and sampling.temperature == 0.7  # CritiqueSettings' 0.7, not SamplingSettings' 1.0
+    assert recipe.grpo.settings.train.max_steps == 2 and recipe.grpo.settings.train.learning_rate == 1e-5
+    assert recipe.rloo.settings.train.lora.r == 4 and recipe.rloo.settings.train.learning_rate == 1e-5
+    assert recipe.rloo.settings.train.lora.alpha == 32 and recipe.dpo.settings.train.learning_rate == 1e-4
+    assert recipe.grpo.settings == OnlineSettings(train=dataclasses.replace(OnlineSettings().train, max_steps=2))

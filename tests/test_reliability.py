@@ -1,143 +1,144 @@
-"""Bad input never escapes as a library traceback; runs do not trample each other; secrets stay secret."""
+"""Bad input never escapes as a library traceback; runs do not trample each other; secrets stay secret.
+
+The property-based versions (every loader on random input) are in test_fuzz_loaders.py and
+test_fuzz_readers.py; here are the cases that once broke, stated plainly.
+"""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from cai.constitution import loads_constitution
-from cai.constitution_import import import_files
-from cai.prompt_sets import load_prompts
 from cai.data.importers import load_preferences
 from cai.errors import CaiError
-from cai.recipe import load_recipe
+from cai.prompt_sets import load_prompts
 from cai.store import RunLock
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-yaml_like = st.one_of(
-    st.binary(max_size=300).map(lambda b: b.decode("utf-8", "replace")),
-    st.recursive(
-        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20)),
-        lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.sampled_from(
-            ["name", "principles", "preferences", "few_shot", "id", "critique", "revision", "weight", "text", "stages",
-             "critique", "settings", "rounds", "engine", "kind", "prompt", "chosen", "rejected", "x"]), children, max_size=5)),
-        max_leaves=20,
-    ).map(lambda data: json.dumps(data)),
-)
+CHILD_TIMEOUT = 120  # seconds; a hung child fails its test instead of the whole run
 
 
-@FUZZ
-@given(text=yaml_like)
-def test_constitution_loader_only_raises_cai_errors(text):
-    try:
-        constitution = loads_constitution(text, "fuzz.yaml")
-    except CaiError as exc:
-        assert str(exc).startswith("fuzz.yaml") and "\n" not in str(exc)
-        return
-    assert constitution.principles  # a load that succeeds is whole
+# -- CSV: long fields, quoted newlines, stray \r, malformed files ----------------------------------------
+
+def test_csv_field_over_128_kib_reads(tmp_path):
+    long = "x" * (200 * 1024)
+    path = tmp_path / "long.csv"
+    path.write_text(f'prompt,chosen,rejected\n"q","{long}",no\n', encoding="utf-8")
+    records, _ = load_preferences(str(path))
+    assert records[0]["chosen"][0]["content"] == long
+    (tmp_path / "long_prompts.csv").write_text(f"prompt\n{long}\n", encoding="utf-8")
+    assert load_prompts(str(tmp_path / "long_prompts.csv"))[0].messages[0]["content"] == long
 
 
-@FUZZ
-@given(text=yaml_like)
-def test_recipe_loader_only_raises_cai_errors(text, tmp_path_factory):
-    path = tmp_path_factory.mktemp("r") / "fuzz.yaml"
-    path.write_text(text)
-    try:
-        recipe = load_recipe(path)
-    except CaiError as exc:
-        assert "fuzz.yaml" in str(exc)
-        return
-    assert recipe.stages
+def test_csv_quoted_newlines_are_one_row_with_its_real_line(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_bytes(b'prompt,chosen,rejected\r\n"first\nquestion","line one\r\nline two",no\r\nsecond,yes,no\r\n')
+    records, report = load_preferences(str(path))
+    assert report.rows_read == 2
+    assert records[0]["prompt"][0]["content"] == "first\nquestion"
+    assert records[0]["chosen"][0]["content"] == "line one\r\nline two"  # the field as written, \r\n kept
+    assert [r["provenance"]["line"] for r in records] == [2, 5]  # the first row spans lines 2-4
+    prompts = load_prompts(str(path))
+    assert [p.messages[0]["content"] for p in prompts] == ["first\nquestion", "second"]
 
 
-rows = st.one_of(
-    st.binary(max_size=200).map(lambda b: b.decode("utf-8", "replace")),
-    st.lists(st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "chosen_prob", "score_chosen", "id", "source"]),
-                             st.one_of(st.text(max_size=30), st.integers(), st.floats(allow_nan=True), st.none(),
-                                       st.lists(st.dictionaries(st.sampled_from(["role", "content"]), st.text(max_size=10)), max_size=3),
-                                       st.just("\n\nHuman: hi\n\nAssistant: hello")), max_size=5), max_size=4)
-    .map(lambda items: "\n".join(json.dumps(i) for i in items)),
-)
+def test_csv_stray_carriage_return_ends_a_line(tmp_path):
+    """A lone \\r (old Mac line ends, or one stray byte) is a line end, as `open(newline="")` reads it."""
+    path = tmp_path / "cr.csv"
+    path.write_bytes(b"prompt,chosen,rejected\rq1,a,b\r\nq2,c,d\n")
+    records, _ = load_preferences(str(path))
+    assert [(r["prompt"][0]["content"], r["provenance"]["line"]) for r in records] == [("q1", 2), ("q2", 3)]
+    assert [p.messages[0]["content"] for p in load_prompts(str(path))] == ["q1", "q2"]
 
 
-@FUZZ
-@given(text=rows, suffix=st.sampled_from([".jsonl", ".json", ".csv"]))
-def test_preference_importers_only_raise_cai_errors(text, suffix, tmp_path_factory):
-    path = tmp_path_factory.mktemp("p") / f"fuzz{suffix}"
-    path.write_text(text)
-    try:
-        records, report = load_preferences(str(path))
-    except CaiError as exc:
-        assert "fuzz" in str(exc)
-        return
-    assert report.imported == len(records) == report.rows_read  # never a silent partial load
+@pytest.mark.parametrize("loader", [load_preferences, load_prompts])
+def test_two_byte_csv_from_the_fresh_clone_failure_is_a_cai_error(tmp_path, loader):
+    path = tmp_path / "tiny.csv"
+    path.write_bytes(b"\r\x00")
+    with pytest.raises(CaiError, match=r"tiny.csv: contains no"):
+        loader(str(path))
 
 
-prompt_rows = st.one_of(
-    st.binary(max_size=200).map(lambda b: b.decode("utf-8", "replace")),
-    st.lists(st.dictionaries(st.sampled_from(["prompt", "messages", "id", "category", "question"]),
-                             st.one_of(st.text(max_size=20), st.integers(), st.none(), st.lists(st.integers(), max_size=2),
-                                       st.lists(st.dictionaries(st.sampled_from(["role", "content"]),
-                                                                st.one_of(st.sampled_from(["user", "assistant", "system"]), st.text(max_size=8), st.integers())),
-                                                max_size=3)), max_size=4), max_size=4)
-    .map(lambda items: "\n".join(json.dumps(i) for i in items)),
-)
+@pytest.mark.parametrize("loader", [load_preferences, load_prompts])
+def test_malformed_csv_is_one_line_naming_file_and_line(tmp_path, loader):
+    path = tmp_path / "bad.csv"
+    path.write_text('prompt,chosen,rejected\nq,a,b\n"never closed,a,b\nq3,a,b\n', encoding="utf-8")
+    with pytest.raises(CaiError) as caught:
+        loader(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"{path}:4: malformed CSV in the row starting at line 3") and "\n" not in message
+    (tmp_path / "quote.csv").write_text('prompt,chosen,rejected\n"q" trailing,a,b\n', encoding="utf-8")
+    with pytest.raises(CaiError, match=r"quote.csv:2: malformed CSV: ',' expected after '\"'"):
+        loader(str(tmp_path / "quote.csv"))
 
 
-@FUZZ
-@given(text=prompt_rows, suffix=st.sampled_from([".jsonl", ".json", ".csv", ".txt"]), mapped=st.booleans())
-def test_prompt_loader_only_raises_cai_errors(text, suffix, mapped, tmp_path_factory):
-    path = tmp_path_factory.mktemp("q") / f"fuzz{suffix}"
-    path.write_text(text)
-    try:
-        prompts = load_prompts(str(path), columns={"prompt": "question"} if mapped else None)
-    except CaiError as exc:
-        assert "fuzz" in str(exc) and "\n" not in str(exc)
-        return
-    assert prompts and all(p.messages and p.messages[-1]["role"] == "user" for p in prompts)
+def test_csv_duplicate_header_is_refused(tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text("prompt,chosen,rejected,chosen\nq,a,b,c\n", encoding="utf-8")
+    with pytest.raises(CaiError, match=r"dup.csv:1: duplicate column 'chosen'"):
+        load_preferences(str(path))
 
 
-swarm_like = st.recursive(
-    st.one_of(st.none(), st.integers(), st.text(max_size=15), st.just("CritiqueRequest: x"), st.just("Options:"),
-              st.just("\n\nHuman: hi\n\nAssistant: yo\n\nCritiqueRequest: c\n\nCritique: d\n\nRevisionRequest: r\n\nRevision: e")),
-    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.sampled_from(
-        ["constitutions", "system_chat", "critic", "revision", "edit_request", "prompt", "harmful0", "role", "content"]), children, max_size=4)),
-    max_leaves=15,
-)
+def test_jsonl_prompts_keep_raw_line_separators(tmp_path):
+    """U+2028 inside a JSON string is valid JSON; str.splitlines() used to cut the row in two."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "one\u2028two\x85three"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [p.messages[0]["content"] for p in load_prompts(str(path))] == ["one\u2028two\x85three"]
 
 
-@FUZZ
-@given(document=swarm_like)
-def test_constitution_importers_only_raise_cai_errors(document, tmp_path_factory):
-    path = tmp_path_factory.mktemp("c") / "fuzz.json"
-    path.write_text(json.dumps(document))
-    try:
-        constitution = import_files([path])
-    except CaiError as exc:
-        assert "fuzz" in str(exc) or "import of" in str(exc)
-        return
-    assert constitution.principles
+# -- YAML alias bombs -----------------------------------------------------------------------------------
+
+def test_yaml_alias_bomb_is_refused_quickly():
+    """Nine levels of nine aliases: 9**9 values. PyYAML builds it as shared lists in milliseconds,
+    then whatever walks it (schema validation, json.dumps) takes hours."""
+    from cai import yamlio
+
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    with pytest.raises(CaiError, match=r"bomb.yaml:\d+: aliases expand to more than 1,000,000 values"):
+        yamlio.loads("\n".join(lines), "bomb.yaml")
+    merge = ["m0: &m0 {x: 1}"] + [f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}]}}" for i in range(1, 24)]
+    with pytest.raises(CaiError, match="aliases expand"):  # PyYAML's merge-key flattening doubles per level
+        yamlio.loads("\n".join(merge), "merge.yaml")
+    with pytest.raises(CaiError, match=r"loop.yaml:1: an alias refers to a node that contains it"):
+        yamlio.loads("a: &a [1, *a]\n", "loop.yaml")
+
+
+@pytest.mark.parametrize("text,line,problem", [
+    ("name: x\nenabled: !!bool maybe\n", 2, "'maybe' is not a valid !!bool"),  # KeyError inside PyYAML
+    ("when: !!timestamp soon\n", 1, "'soon' is not a valid !!timestamp"),  # AttributeError inside PyYAML
+    ("a:\n  b: [!!timestamp 2001-02-30]\n", 2, "'2001-02-30' is not a valid !!timestamp"),  # ValueError
+])
+def test_yaml_value_that_contradicts_its_tag_names_the_line(text, line, problem):
+    from cai import yamlio
+
+    with pytest.raises(CaiError, match=f"^tags.yaml:{line}: malformed YAML: {problem}$"):
+        yamlio.loads(text, "tags.yaml")
+
+
+def test_yaml_small_anchors_still_work():
+    from cai import yamlio
+
+    document = yamlio.loads("base: &s {temperature: 0.7}\ncritique: *s\nlabel: {<<: *s, max_tokens: 8}\n", "ok.yaml")
+    assert document.data["critique"] == {"temperature": 0.7} and document.data["label"] == {"temperature": 0.7, "max_tokens": 8}
 
 
 def test_second_run_on_same_directory_is_refused(tmp_path):
     with RunLock(tmp_path):
         script = f"from cai.store import RunLock\nwith RunLock({str(tmp_path)!r}): pass"
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=CHILD_TIMEOUT)
         assert result.returncode != 0 and f"in use by another cai run (pid {os.getpid()})" in result.stderr
     assert not (tmp_path / ".cai.lock").exists()
 
 
 def test_stale_lock_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead.wait(timeout=CHILD_TIMEOUT)
     (tmp_path / ".cai.lock").write_text(str(dead.pid))
     with RunLock(tmp_path):
-        assert (tmp_path / ".cai.lock").read_text() == str(os.getpid())
+        assert json.loads((tmp_path / ".cai.lock").read_text())["pid"] == os.getpid()
 
 
 def test_pickle_checkpoints_are_refused(tmp_path, tiny_causal_lm_dir):
@@ -231,3 +232,13 @@ def test_write_failure_is_a_clear_error_and_keeps_rows(tmp_path, monkeypatch):
         log.append([{"id": "b"}])
     monkeypatch.undo()
     assert list(log.read()) == ["a"]
+
+
+def test_tests_and_their_subprocesses_use_the_session_cai_cache(cai_cache):
+    """A model converted into ~/.cache/cai by an older cai must not stand in for this one's."""
+    from cai.paths import cache_dir
+
+    assert cache_dir() == cai_cache and not cai_cache.is_relative_to(Path.home() / ".cache")
+    child = subprocess.run([sys.executable, "-c", "from cai.paths import cache_dir; print(cache_dir())"],
+                           capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    assert child.stdout.strip() == str(cai_cache)

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -132,3 +133,109 @@ def test_scorer_handles_a_different_tokenizer(tiny_classifier_dir, tmp_path, smo
     response = policy_tokenizer.decode(policy_tokenizer("A reply with émojis ✓ and numbers 12345")["input_ids"])
     scores = scorer.score([[{"role": "user", "content": "Hi"}]], [response])
     assert len(scores) == 1 and torch.isfinite(torch.tensor(scores)).all()
+
+
+def test_trainable_weights_stay_fp32_on_a_bf16_base(tiny_classifier_dir, tmp_path, monkeypatch):
+    """A bf16 base (what a GPU loads): LoRA and the score head train in fp32, so one AdamW step
+    at lr 5e-6 moves the head by ~lr. In bf16 (spacing ~2e-3 at 0.5) that step rounds away."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from cai import runtime
+
+    monkeypatch.setattr(runtime, "model_dtype", lambda device: torch.bfloat16)
+    train = write_pairs(tmp_path / "train.jsonl", n=4)
+    metrics = train_reward_model(train, str(tiny_classifier_dir), tmp_path / "rm", small(max_steps=1, learning_rate=5e-6))
+    assert metrics["steps"] == 1 and torch.isfinite(torch.tensor(metrics["train_loss"]))
+    saved = load_file(str(tmp_path / "rm" / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    head = next(t for k, t in saved.items() if "score" in k)
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir, num_labels=1, dtype=torch.bfloat16).score.weight.float()
+    moved = (head - start).abs()
+    assert (moved > 0).float().mean() > 0.9  # every weight with a gradient moved ...
+    assert moved.max() < 2e-5  # ... by about one learning rate (Adam's first step)
+
+
+LONG = "Question {i}? " + "The assistant answers questions helpfully. " * 10  # ~130 tokens with an answer
+
+
+def write_long_and_short(path, n=8):
+    """Half the pairs have a prompt far longer than max_length 64; the answers are all short."""
+    rows = [json.loads(line) for line in write_pairs(path, n=n).read_text().splitlines()]
+    for i, row in enumerate(rows[: n // 2]):
+        row["prompt"] = [{"role": "user", "content": LONG.format(i=i)}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_long_pairs_are_truncated_from_the_prompt_side_not_dropped(tiny_classifier_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from cai.reward import _dataset, reward_text
+
+    rows = write_long_and_short(tmp_path / "train.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_classifier_dir)
+    settings = small(max_length=64, max_steps=-1, epochs=1.0, batch_size=4)
+    dataset, counts = _dataset(rows, settings, tokenizer)
+    assert len(dataset) == 8
+    full = [tokenizer(reward_text(tokenizer, r["prompt"], r["chosen"][0]["content"]), add_special_tokens=False)["input_ids"] for r in rows]
+    answer = tokenizer(rows[0]["chosen"][0]["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    for ids, kept in zip(full, dataset["chosen_ids"]):
+        assert kept == ids[-64:]  # the oldest prompt tokens go; the answer and its last token stay
+    assert all(len(ids) > 64 for ids in full[:4]) and all(len(ids) <= 64 for ids in full[4:])
+    assert dataset["chosen_ids"][0][-len(answer):] == answer and dataset["chosen_ids"][0][0] != full[0][0]
+    cut = sum(len(ids) - 64 for r in rows[:4] for ids in (
+        tokenizer(reward_text(tokenizer, r["prompt"], a[0]["content"]), add_special_tokens=False)["input_ids"] for a in (r["chosen"], r["rejected"])))
+    assert counts == {"truncated_pairs": 4, "truncated_tokens": cut}
+    # Every pair is trained on: 8 pairs at batch 4 take 2 steps (TRL's filter kept 4: 1 step).
+    metrics = train_reward_model(tmp_path / "train.jsonl", str(tiny_classifier_dir), tmp_path / "rm", settings)
+    assert metrics["steps"] == 2 and metrics["truncated_pairs"] == 4 and metrics["truncated_tokens"] == cut
+
+
+def test_scorer_truncates_the_prompt_side(tiny_classifier_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_classifier_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    scorer = RewardScorer(model, tokenizer, max_length=64)
+    conversation = [{"role": "user", "content": LONG.format(i=1)}]
+    messages = conversation + [{"role": "assistant", "content": "yes please"}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert len(ids) > 64
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids[-64:]])).logits.item()
+    assert scorer.score([conversation], ["yes please"])[0] == pytest.approx(expected, abs=1e-5)
+
+
+class FixedScorer:
+    """Rewards by answer text: sets P(chosen wins) exactly for the calibration tests."""
+
+    def __init__(self, rewards):
+        self.rewards = rewards
+
+    def score(self, conversations, responses):
+        return [self.rewards[r] for r in responses]
+
+
+def pairs_at(confidence, right, wrong, start=0):
+    """`right` pairs the model gets right and `wrong` it gets wrong, all at `confidence`."""
+    margin = math.log(confidence / (1 - confidence))
+    records, rewards = [], {}
+    for i in range(start, start + right + wrong):
+        good, bad = f"good {i}", f"bad {i}"
+        rewards[good], rewards[bad] = (margin, 0.0) if i - start < right else (0.0, margin)
+        records.append({"id": f"r{i}", "prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": good}],
+                        "rejected": [{"role": "assistant", "content": bad}], "chosen_prob": 1.0, "source": "human", "provenance": {}})
+    return records, rewards
+
+
+def test_ece_compares_confidence_with_agreement():
+    calibrated_a, rewards_a = pairs_at(0.75, right=6, wrong=2)  # 75% sure, right 75% of the time
+    calibrated_b, rewards_b = pairs_at(0.55, right=11, wrong=9, start=100)
+    calibrated = evaluate_reward_model(FixedScorer({**rewards_a, **rewards_b}), calibrated_a + calibrated_b)
+    assert calibrated["ece"] == pytest.approx(0.0, abs=1e-4) and calibrated["accuracy"] == round(17 / 28, 4)
+    over, rewards_over = pairs_at(0.95, right=6, wrong=4, start=200)  # 95% sure, right 60% of the time
+    assert evaluate_reward_model(FixedScorer(rewards_over), over)["ece"] == pytest.approx(0.35, abs=1e-4)
+    mixed = evaluate_reward_model(FixedScorer({**rewards_a, **rewards_b, **rewards_over}), calibrated_a + calibrated_b + over)
+    assert mixed["ece"] == pytest.approx(10 / 38 * 0.35, abs=1e-4)  # weighted by bin size

@@ -19,8 +19,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     Click runs in non-standalone mode so `CaiError` can be printed as one line; in that mode it
     *returns* the code of a `typer.Exit` instead of exiting, and that code must reach the shell.
     """
+    import logging
+
     import click
 
+    # bitsandbytes' CPU backend logs at import, on CPUs with AVX-512 BF16, that it could not fetch
+    # an optional kernel from the hub (which cai never reaches at run time): noise on every command.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         code = app(args=argv, standalone_mode=False)
     except CaiError as exc:

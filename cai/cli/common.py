@@ -39,18 +39,21 @@ SET_HELP = "Settings as key=value (the recipe section's keys), e.g. --set learni
 
 
 def _read_rows(path: str) -> list[dict]:
-    import json
+    """JSONL rows, split on "\\n" only (text may hold U+2028); problems are CaiErrors with file:line."""
+    from cai.store import read_jsonl
+
+    return list(read_jsonl(path, objects=False))
+
+
+def _adapter_dir(path: str | None, option: str) -> str | None:
+    """A LoRA adapter folder, given as the folder itself or as the run folder of the stage that
+    trained it (`--sft runs/sft` and `--sft runs/sft/adapter` mean the same)."""
     from pathlib import Path
 
-    rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise CaiError(f"cannot read: {exc.strerror or exc}", source=path) from None
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise CaiError(f"not valid JSON: {exc.msg}", source=f"{path}:{number}") from None
-    return rows
+    if path is None:
+        return None
+    for candidate in (Path(path), Path(path) / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return str(candidate)
+    raise CaiError("is not a LoRA adapter folder (no adapter_config.json in it or in its adapter/)", source=path, field=option)
+

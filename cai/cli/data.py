@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cai.cli.common import _engine_for, _read_rows, app, console, label_app
+from cai.cli.common import _adapter_dir, _engine_for, _read_rows, app, console, label_app
 from cai.errors import CaiError
 
 
@@ -87,6 +87,7 @@ def sample(
 
     settings = SampleSettings(k=k, seed=seed, sampling=SamplingSettings(temperature=temperature, top_p=top_p, max_tokens=max_tokens))
     loaded = load_prompts(prompts, columns=parse_column_map(columns), limit=limit)
+    adapter = _adapter_dir(adapter, "--adapter")
     generator = _engine_for(model, engine, threads)
     if adapter:
         generator.add_adapter("policy", adapter)  # type: ignore[attr-defined]
@@ -95,11 +96,11 @@ def sample(
     print(json.dumps(summary, indent=2))
 
 
-def _label_settings(mode, principles, no_swap, seed, min_confidence, pairing, cot_max_tokens):
+def _label_settings(mode, principles, no_swap, seed, min_confidence, pairing, cot_max_tokens, keep_ties=False):
     from cai.labeling import LabelSettings
 
     return LabelSettings(mode=mode, principles_per_pair=principles, swap=not no_swap, seed=seed,
-                         min_confidence=min_confidence, pairing=pairing, cot_max_tokens=cot_max_tokens)
+                         min_confidence=min_confidence, pairing=pairing, cot_max_tokens=cot_max_tokens, keep_ties=keep_ties)
 
 
 @label_app.callback()
@@ -113,6 +114,7 @@ def label(
     principles: int = typer.Option(1, help="Preference principles sampled per pair (ensemble)."),
     no_swap: bool = typer.Option(False, help="Label in one order only (not recommended: position bias)."),
     min_confidence: float = typer.Option(0.5, help="Drop pairs whose chosen_prob is below this."),
+    keep_ties: bool = typer.Option(False, help="Keep pairs labelled exactly 0.5 (no preference) instead of dropping them."),
     pairing: str = typer.Option("adjacent", help="adjacent or all pairs of the k responses."),
     cot_max_tokens: int = typer.Option(128),
     engine: str = typer.Option("auto"),
@@ -132,7 +134,7 @@ def label(
     missing = [name for name, value in (("--responses", responses), ("--constitution", constitution), ("--out", out)) if not value]
     if missing:
         raise CaiError(f"cai label needs {', '.join(missing)}")
-    settings = _label_settings(mode, principles, no_swap, seed, min_confidence, pairing, cot_max_tokens)
+    settings = _label_settings(mode, principles, no_swap, seed, min_confidence, pairing, cot_max_tokens, keep_ties)
     loaded_constitution = load_constitution(constitution)
     rows = _read_rows(responses)
     if rows and "responses" in rows[0]:
@@ -186,22 +188,33 @@ def blend_command(
     sources: list[str] = typer.Argument(..., help="SRC[:weight] ... (any importer format, or cai output)."),
     out: str = typer.Option(..., help="Output directory (train.jsonl, eval.jsonl, summary.json)."),
     by: str = typer.Option("weight", help="weight (fractions, may oversample) or counts (exact rows)."),
-    eval_fraction: float = typer.Option(0.1, help="Held-out share of every source."),
+    eval_fraction: float = typer.Option(0.1, help="Held-out share of every source's prompts (all pairs of a held-out prompt)."),
+    skip_malformed: bool = typer.Option(False, help="Skip rows an importer cannot read (listed in summary.json) instead of failing."),
     seed: int = typer.Option(0),
 ) -> None:
     """Mix human comparisons and AI labels by weight; dedupe; human labels win conflicts."""
+    from dataclasses import replace
+
     from cai.blend import blend, parse_source
 
     if by not in ("weight", "counts"):
         raise CaiError("must be weight or counts", field="--by")
-    summary = blend([parse_source(s) for s in sources], out, by=by, eval_fraction=eval_fraction, seed=seed)  # type: ignore[arg-type]
+    specs = [replace(parse_source(s), skip_malformed=skip_malformed) for s in sources]
+    summary = blend(specs, out, by=by, eval_fraction=eval_fraction, seed=seed)  # type: ignore[arg-type]
     table = Table(title=f"blend -> {out}")
-    for column in ("source", "read", "duplicates", "conflicts lost", "kept", "eval", "train", "weight"):
+    for column in ("source", "read", "malformed", "duplicates", "conflicts lost", "kept", "eval", "train", "weight"):
         table.add_column(column)
     for row in summary["sources"]:
-        table.add_row(row["source"], str(row["read"]), str(row["duplicates"]), str(row["conflicts_lost"]),
-                      str(row["after_dedupe"]), str(row["eval"]), str(row["train"]), f"{row['weight']:g}")
+        table.add_row(row["source"], str(row["read"]), str(row["malformed_skipped"]), str(row["duplicates"]),
+                      str(row["conflicts_lost"]), str(row["after_dedupe"]), str(row["eval"]), str(row["train"]), f"{row['weight']:g}")
     console.print(table)
+    for row in summary["sources"]:
+        if row["malformed_skipped"]:
+            print(f"skipped {row['malformed_skipped']} malformed row(s) of {row['source']}:")
+            for bad in row["malformed_rows"][:20]:
+                print(f"  row {bad['row']}: {bad['reason']}")
+            if row["malformed_skipped"] > 20:
+                print(f"  ... and {row['malformed_skipped'] - 20} more (all listed in {out}/summary.json)")
     conflicts = summary["conflicts"]
-    print(f"conflicts: {conflicts['human_over_ai']} human-vs-AI (human kept), {conflicts['same_kind']} same-kind (more confident kept)")
+    print(f"conflicts: {conflicts['human_vs_ai']} human-vs-AI (human kept), {conflicts['same_kind']} same-kind (more confident kept)")
     print(f"train {summary['train']} rows, eval {summary['eval']} rows")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cai.cli.common import SET_HELP, _engine_for, _settings, app
+from cai.cli.common import SET_HELP, _adapter_dir, _engine_for, _settings, app
 from cai.errors import CaiError
 
 
@@ -86,7 +86,7 @@ def dpo(
     """DPO with LoRA/QLoRA; the reference is the policy with its adapter disabled."""
     from cai.policy import DPOSettings, train_dpo
 
-    metrics = train_dpo(data, model, out, _settings(DPOSettings, set, "dpo"), sft_adapter=sft_adapter)
+    metrics = train_dpo(data, model, out, _settings(DPOSettings, set, "dpo"), sft_adapter=_adapter_dir(sft_adapter, "--sft"))
     print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
 
 
@@ -105,9 +105,9 @@ def ppo(
     from cai.reward import RewardScorer
 
     settings = _settings(PPOSettings, set, "ppo")
-    scorer = RewardScorer.load(reward, threads=settings.threads)
     loaded = [list(p.messages) for p in load_prompts(prompts)]
-    PPOTrainer(model, scorer.score, loaded, out, settings, sft_adapter=sft_adapter).train()
+    scorer = RewardScorer.load(reward, threads=settings.threads)
+    PPOTrainer(model, scorer.score, loaded, out, settings, sft_adapter=_adapter_dir(sft_adapter, "--sft")).train()
 
 
 def _online_command(method: str):
@@ -124,8 +124,9 @@ def _online_command(method: str):
         from cai.reward import RewardScorer
 
         settings = _settings(OnlineSettings, set, method)
-        metrics = train_online(load_prompts(prompts), model, RewardScorer.load(reward, threads=settings.train.threads), out, settings, method=method,
-                               sft_adapter=sft_adapter)
+        loaded = load_prompts(prompts)
+        scorer = RewardScorer.load(reward, threads=settings.train.threads)
+        metrics = train_online(loaded, model, scorer, out, settings, method=method, sft_adapter=_adapter_dir(sft_adapter, "--sft"))
         print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
 
     command.__doc__ = f"{method.upper()} through TRL with the reward model as reward function."
@@ -153,7 +154,9 @@ def best_of_n_command(
     from cai.prompt_sets import load_prompts
     from cai.reward import RewardScorer
 
-    summary = best_of_n(_engine_for(model, engine, threads), RewardScorer.load(reward), load_prompts(prompts), out, n=n,
+    # Inputs first: a missing file must not cost an engine start-up (half a minute for vLLM).
+    loaded, scorer = load_prompts(prompts), RewardScorer.load(reward, threads=threads)
+    summary = best_of_n(_engine_for(model, engine, threads), scorer, loaded, out, n=n,
                         sampling=SamplingSettings(temperature=1.0, max_tokens=max_tokens))
     print(json.dumps(summary, indent=2))
 

@@ -21,18 +21,16 @@ A malformed row is never dropped silently: by default the import fails naming ev
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from cai import schema
+from cai.csvio import read_csv
 from cai.errors import CaiError
-from cai.store import stable_id
+from cai.store import parse_json, parse_jsonl, stable_id
 
 FORMATS = ("auto", "cai", "hh", "trl", "ultrafeedback", "columns")
 _CAI_KEYS = {"id", "prompt", "chosen", "rejected", "chosen_prob", "source", "provenance"}
@@ -45,7 +43,8 @@ class ImportReport:
     format: str
     rows_read: int = 0
     imported: int = 0
-    malformed: list[str] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)  # "file:row: reason", for messages
+    malformed_rows: list[dict] = field(default_factory=list)  # {"row", "reason"}, for summaries
 
 
 class MalformedRow(ValueError):
@@ -84,6 +83,7 @@ def load_preferences(
             record = _convert(row, format, columns or {})
         except MalformedRow as exc:
             report.malformed.append(f"{where}: {exc}")
+            report.malformed_rows.append({"row": number, "reason": str(exc)})
             continue
         record.update(
             id=stable_id(record["prompt"], record["chosen"], record["rejected"]),
@@ -147,23 +147,13 @@ def _read_rows(source: str, split: str) -> Iterable[tuple[int, Any]]:
             raise CaiError(f"cannot read: {exc}", source=source) from None
         name = path.name.removesuffix(".gz")
         if name.endswith(".csv"):
-            return list(enumerate(csv.DictReader(io.StringIO(text)), 2))
+            return read_csv(text, source)
         if name.endswith(".json"):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise CaiError(f"not valid JSON: {exc.msg}", source=f"{source}:{exc.lineno}") from None
+            data = parse_json(text, source)
             if not isinstance(data, list):
                 raise CaiError("a JSON file must hold a list of rows", source=source)
             return list(enumerate(data, 1))
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((number, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise CaiError(f"not valid JSON: {exc.msg}", source=f"{source}:{number}") from None
-        return rows
+        return parse_jsonl(text, source, objects=False)  # split on "\n" only: rows may hold U+2028
     if path.is_dir() or "/" in source:
         try:
             import datasets

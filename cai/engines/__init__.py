@@ -4,13 +4,21 @@
     engine = get_engine("smollm2-135m-instruct", EngineSettings(kind="auto"))
 
 `auto` picks vLLM when it imports and starts, otherwise the transformers engine, and logs why.
-vLLM start-up costs 20-120 s on a CPU, so engines are cached by (kind, model): generation and
-labelling with the same model in one run reuse the same engine. Call `close_all()` to free them.
+vLLM start-up costs 20-120 s on a CPU, so engines are cached: generation and labelling with the
+same model in one run reuse the same engine. The cache key is the model, the engine kind and
+every setting that kind uses (trust_remote_code, batch size, context length, KV cache, LoRA
+slots, server settings...), so a request with other settings gets its own engine instead of
+silently sharing the first one. `threads` only changes speed and is process-wide, so it is not
+part of the key. LoRA adapters are not either: they attach to the shared engine by name (a name
+given again with another folder replaces the old adapter), but a request with adapters needs an
+engine with LoRA support, which is part of the key. Call `close_all()` to free the engines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import multiprocessing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,30 +62,70 @@ class EngineSettings:
 
 
 _ENGINES: dict[tuple, Engine] = {}
+_FELL_BACK: set[tuple] = set()  # `auto` keys whose vLLM start failed: they use transformers
+
+# Settings each engine kind ignores: leaving them out of its cache key avoids starting a second,
+# identical engine. Every other field (including any added later) is part of the key.
+_NOT_USED = {
+    "hf": {"max_model_len", "gpu_memory_utilization", "kv_cache_gib", "enable_lora", "max_lora_rank", "openai"},
+    "vllm": {"batch_size", "openai"},
+    "openai": {"batch_size", "max_model_len", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
+               "enable_lora", "max_lora_rank"},
+}
+_NOT_BEHAVIOUR = {"kind", "threads"}  # the resolved kind is keyed separately; threads only change speed
+
+
+def cache_key(kind: str, model: str, settings: EngineSettings, adapters: dict[str, str] | None = None) -> tuple:
+    """What makes two engine requests interchangeable: model, kind and every setting the kind uses."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+              if f.name not in _NOT_BEHAVIOUR and f.name not in _NOT_USED[kind]}
+    if kind == "vllm":  # adapters need an engine started with LoRA slots
+        values["enable_lora"] = settings.enable_lora or bool(adapters)
+        if not values["enable_lora"]:
+            values.pop("max_lora_rank")
+    return (kind, model, tuple(sorted(values.items())))
 
 
 def get_engine(model: str, settings: EngineSettings = EngineSettings(), adapters: dict[str, str] | None = None) -> Engine:
-    """The engine for `model`, started once per process. `adapters` maps names to LoRA folders."""
+    """The engine for `model`, started once per process for the same settings. `adapters` maps
+    names to LoRA folders."""
+    _refuse_in_bootstrapping_child()
     kind = settings.kind
     if kind == "auto":
         kind = _auto_kind()
-    key = (kind, model, settings.openai if kind == "openai" else None)
+    key = cache_key(kind, model, settings, adapters)
+    auto_vllm = kind == "vllm" and settings.kind == "auto"
+    if auto_vllm and key in _FELL_BACK:  # vLLM already failed to start with these settings
+        return get_engine(model, dataclasses.replace(settings, kind="hf"), adapters)
     engine = _ENGINES.get(key)
-    if engine is None:
-        if kind == "vllm" and settings.kind == "auto":
-            try:
-                engine = _start(kind, model, settings, adapters)
-            except CaiError as exc:
-                log.warning("engine auto: vLLM did not start (%s); using transformers", exc)
-                kind, key = "hf", ("hf", model, None)
-                engine = _ENGINES.get(key) or _start("hf", model, settings, adapters)
-        else:
-            engine = _start(kind, model, settings, adapters)
-        _ENGINES[key] = engine
-    elif adapters:
-        for name, path in adapters.items():
-            engine.add_adapter(name, path)  # type: ignore[attr-defined]
+    if engine is not None:
+        _attach(engine, adapters)
+        return engine
+    try:
+        engine = _start(kind, model, settings, adapters)
+    except CaiError as exc:
+        if not auto_vllm:
+            raise
+        log.warning("engine auto: vLLM did not start (%s); using transformers", exc)
+        _FELL_BACK.add(key)
+        return get_engine(model, dataclasses.replace(settings, kind="hf"), adapters)
+    _ENGINES[key] = engine
     return engine
+
+
+def _attach(engine: Engine, adapters: dict[str, str] | None) -> None:
+    for name, path in (adapters or {}).items():
+        engine.add_adapter(name, path)  # type: ignore[attr-defined]
+
+
+def _refuse_in_bootstrapping_child() -> None:
+    """A process started with `spawn` (vLLM's EngineCore) first re-imports the main script. If that
+    script starts an engine at the top level, the child would start a second engine (or, with
+    `auto`, fall back to transformers and run the whole script again). Stop it with the fix."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        from cai.engines.lifeline import MAIN_GUARD_HINT
+
+        raise CaiError(f"an engine was requested while this process was starting up as a child process: {MAIN_GUARD_HINT}")
 
 
 def _auto_kind() -> str:
@@ -124,3 +172,4 @@ def close_all() -> None:
     for engine in _ENGINES.values():
         engine.close()
     _ENGINES.clear()
+    _FELL_BACK.clear()

@@ -10,20 +10,26 @@ and sent to /v1/completions (same text, same prefix-cache hits). Without one, /v
 is used; a pre-filled reply start is sent as a final assistant message with vLLM's
 `continue_final_message`.
 
-The API key is read from the environment variable named by `api_key_env` at request time and
-is never stored on the engine, logged, or put in an error message.
+Keys are opt-in: a key is sent only when `api_key_env` names the environment variable holding it
+(no implicit `$OPENAI_API_KEY`, so a shared recipe pointing at someone's server cannot collect the
+user's key). It is read at request time and never stored on the engine, logged, or put in an error
+message. A key (or user:password@ in a URL) is refused over plain HTTP to any host but this machine
+unless `allow_insecure_key` says so. URLs are printed with their credentials removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
@@ -35,16 +41,77 @@ log = logging.getLogger(__name__)
 RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
+# -- URLs and keys ------------------------------------------------------------------------------------
+
+_SECRET_PARAMETER = re.compile(r"key|token|secret|passw|sig|auth", re.IGNORECASE)
+
+
+def _split(url: str):
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise CaiError(f"'{redact_url(url)}' is not a valid URL", field="base_urls") from None
+
+
+def redact_url(url: str) -> str:
+    """`url` fit to print, log or record: no user:password@, no values of key- or token-like query
+    parameters. Only the host, port and path are left to identify the server."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "&".join(
+        f"{name}=***" if sep and _SECRET_PARAMETER.search(name) else f"{name}{sep}{value}"
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _without_credentials(url: str) -> tuple[str, httpx.BasicAuth | None]:
+    """(URL without user:password@, that user and password as basic auth). httpx logs request URLs
+    at INFO level, so credentials travel as auth, never inside the URL it sees."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    auth = httpx.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), auth
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class OpenAISettings:
     base_urls: tuple[str, ...] = ("http://127.0.0.1:8000/v1",)
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None  # the environment variable holding the key; none: send no key
+    allow_insecure_key: bool = False  # send the key over plain HTTP to a host other than this machine
     served_model: str | None = None  # the name the server knows the model by; default: the model name
     tokenizer: str | None = None
     max_concurrency: int = 32
     timeout_s: float = 120.0
     max_retries: int = 5
     backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for url in self.base_urls:
+            parts = _split(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise CaiError(f"'{redact_url(url)}' is not an http(s) URL", field="base_urls")
+            has_key = self.api_key_env or parts.username or parts.password
+            if has_key and parts.scheme == "http" and not _is_loopback(parts.hostname) and not self.allow_insecure_key:
+                raise CaiError(
+                    f"refusing to send the API key in plain text to {redact_url(url)}: use https, or set "
+                    "allow_insecure_key: true if this network is trusted",
+                    field="base_urls",
+                )
 
 
 class OpenAIEngine:
@@ -53,6 +120,8 @@ class OpenAIEngine:
     def __init__(self, model: str, settings: OpenAISettings = OpenAISettings()):
         if not settings.base_urls:
             raise CaiError("needs at least one server URL", field="engine.openai.base_urls")
+        if settings.api_key_env and not os.environ.get(settings.api_key_env):
+            raise CaiError(f"${settings.api_key_env} is not set (it should hold the API key)", field="engine.openai.api_key_env")
         self.model = model
         self.settings = settings
         self.served_model = settings.served_model or model
@@ -61,7 +130,7 @@ class OpenAIEngine:
             from cai.loading import load_tokenizer
 
             self.tokenizer = load_tokenizer(settings.tokenizer)
-        self._urls = itertools.cycle([u.rstrip("/") for u in settings.base_urls])
+        self._urls = itertools.cycle([_without_credentials(u.rstrip("/")) for u in settings.base_urls])
 
     # -- public interface ---------------------------------------------------------------------
     def generate(
@@ -137,12 +206,7 @@ class OpenAIEngine:
             top = dict((logprobs["top_logprobs"] or [{}])[0] or {})
         elif isinstance(logprobs.get("content"), list) and logprobs["content"]:  # chat API
             top = {e["token"]: e["logprob"] for e in logprobs["content"][0].get("top_logprobs", [])}
-        result = []
-        for wanted in choices:
-            # " A" and "A" are different tokens that mean the same choice: add their probabilities.
-            matches = [lp for token, lp in top.items() if token.strip() == wanted]
-            result.append(math.log(sum(math.exp(lp) for lp in matches)) if matches else -math.inf)
-        return result
+        return match_choices(top, choices)
 
     # -- transport --------------------------------------------------------------------------------
     def _run(self, bodies: list[dict]) -> list[dict]:
@@ -160,46 +224,103 @@ class OpenAIEngine:
 
             return await asyncio.gather(*(one(b) for b in bodies))
 
-    async def _post(self, client: httpx.AsyncClient, base_url: str, body: dict) -> dict:
+    async def _post(self, client: httpx.AsyncClient, server: tuple[str, httpx.BasicAuth | None], body: dict) -> dict:
+        base_url, auth = server
         body = dict(body)
         url = base_url + body.pop("_path")
+        shown, shown_base = redact_url(url), redact_url(base_url)  # what messages and logs may print
         headers = {}
-        key = os.environ.get(self.settings.api_key_env)
+        key = os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
+            auth = None
         last_problem = ""
         for attempt in range(self.settings.max_retries + 1):
             try:
-                response = await client.post(url, json=body, headers=headers)
+                response = await client.post(url, json=body, headers=headers, auth=auth or httpx.USE_CLIENT_DEFAULT)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 last_problem = f"{type(exc).__name__}"
             else:
                 if response.status_code == 200:
-                    return response.json()
+                    return _reply(response, shown)
                 if response.status_code in (401, 403):
-                    raise CaiError(
-                        f"authentication failed at {base_url} (HTTP {response.status_code}): "
-                        f"check the API key in ${self.settings.api_key_env}"
-                    )
+                    where = f"the API key in ${self.settings.api_key_env}" if self.settings.api_key_env else (
+                        "no API key was sent: name its variable in engine.openai.api_key_env")
+                    raise CaiError(f"authentication failed at {shown_base} (HTTP {response.status_code}): check {where}")
                 if response.status_code == 404 or (response.status_code == 400 and "does not exist" in response.text):
                     raise CaiError(
-                        f"model '{body['model']}' not found at {base_url}: {_server_message(response)}",
+                        f"model '{body['model']}' not found at {shown_base}: {_server_message(response)}",
                         field="engine.openai.served_model",
                     )
                 if response.status_code not in RETRYABLE:
-                    raise CaiError(f"{url} answered HTTP {response.status_code}: {_server_message(response)}")
+                    raise CaiError(f"{shown} answered HTTP {response.status_code}: {_server_message(response)}")
                 last_problem = f"HTTP {response.status_code}"
             if attempt < self.settings.max_retries:
                 delay = self.settings.backoff_s * (2**attempt) * (0.5 + random.random())
-                log.warning("%s from %s; retry %d in %.1f s", last_problem, base_url, attempt + 1, delay)
+                log.warning("%s from %s; retry %d in %.1f s", last_problem, shown_base, attempt + 1, delay)
                 await asyncio.sleep(delay)
-        raise CaiError(f"{url} kept failing ({last_problem}) after {self.settings.max_retries} retries")
+        raise CaiError(f"{shown} kept failing ({last_problem}) after {self.settings.max_retries} retries")
+
+
+def _reply(response: httpx.Response, shown_url: str) -> dict:
+    """A 200 answer's JSON object with a list of choices; anything else (an HTML error page from a
+    proxy, a truncated body, a different API) is a one-line error showing what came back."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+        what = "not a JSON object" if not isinstance(data, dict) else "a JSON object without 'choices'"
+        start = response.content[:200].decode("utf-8", errors="replace")
+        raise CaiError(f"{shown_url} answered HTTP {response.status_code} with a body that is {what}: {start!r}")
+    return data
 
 
 def _server_message(response: httpx.Response) -> str:
     try:
         data = response.json()
-        message = (data.get("error") or {}).get("message") if isinstance(data.get("error"), dict) else data.get("message") or data.get("error")
     except ValueError:
-        message = response.text
-    return str(message or "").strip().splitlines()[0][:300] if message else "(no message)"
+        data = response.text
+    if isinstance(data, dict):
+        error = data.get("error")
+        message = error.get("message") if isinstance(error, dict) else data.get("message") or error
+    else:
+        message = data
+    return str(message).strip().splitlines()[0][:300] if message and str(message).strip() else "(no message)"
+
+
+# -- matching the server's top tokens to the choices -------------------------------------------------
+
+_WORD_MARKERS = " \t\r\n\u2581\u0120"  # whitespace, SentencePiece "▁" and byte-BPE "Ġ" word starts
+
+
+def match_choices(top: dict[str, float], choices: Sequence[str]) -> list[float]:
+    """Log-probability of each choice from a server's top-k next tokens (token text -> logprob).
+
+    Servers return token *text*: " Yes", "Yes" and "yes" are different tokens that give the same
+    answer, so they are compared with leading/trailing whitespace removed and, when the choices
+    stay distinct that way, without case; all variants of a choice add up. A token that is the
+    start of exactly one choice ("(A" for "(A)") counts for it, as the local engines read a
+    choice's first token; longer tokens ("10" for "1") and shared starts ("(") count for none.
+    """
+    stripped = [c.strip(_WORD_MARKERS) for c in choices]
+    folded = [c.casefold() for c in stripped]
+    fold = len(set(folded)) == len(folded)
+    wanted = folded if fold else stripped
+    if len(set(wanted)) != len(wanted) or not all(wanted):
+        raise CaiError(f"choices {list(choices)} cannot be told apart in a server's token text; use distinct words")
+    totals = [0.0] * len(choices)
+    for token, logprob in top.items():
+        text = token.strip(_WORD_MARKERS)
+        text = text.casefold() if fold else text
+        if not text:
+            continue
+        if text in wanted:
+            index = wanted.index(text)
+        else:
+            starts = [i for i, w in enumerate(wanted) if w.startswith(text)]
+            if len(starts) != 1:
+                continue
+            index = starts[0]
+        totals[index] += math.exp(logprob)
+    return [math.log(t) if t > 0 else -math.inf for t in totals]

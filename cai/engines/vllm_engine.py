@@ -12,6 +12,10 @@ the user's home by surprise.
 
 LoRA adapters are applied per request with `LoRARequest`, never merged into the base weights,
 so one engine serves the base model and every adapter of a run.
+
+vLLM's EngineCore runs in a child process, started here so that it dies with this one (see
+`cai.engines.lifeline`): a `kill -9` of `cai` leaves no orphan engine behind. A failed start
+says why: the exception's type and message, or its cause's when vLLM re-raises without one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from cai.engines.base import (
     normalise,
     truncate_at_stop,
 )
+from cai.engines.lifeline import MAIN_GUARD_HINT, children_die_with_parent
 from cai.errors import CaiError
 from cai.paths import cache_dir
 
@@ -48,6 +53,34 @@ def configure_environment(threads: int = 0, kv_cache_gib: int = 2) -> None:
         cores = threads if threads > 0 else (os.cpu_count() or 1)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line: the exception's type and the first paragraph of its message, following the chain of
+    causes when vLLM re-raises with an empty message; plus the fix for the known start-up trap."""
+    chain, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    parts = []
+    for error in chain:
+        line = _first_line(error)
+        parts.append(f"{type(error).__name__}: {line}" if line else type(error).__name__)
+        if line:
+            break
+    text = " (caused by ".join(parts) + ")" * (len(parts) - 1)
+    if any("bootstrapping phase" in str(error) for error in chain):
+        text += f". {MAIN_GUARD_HINT}"
+    return text
+
+
+def _first_line(error: BaseException) -> str:
+    """The message's first paragraph on one line (Python's own messages often start with a newline)."""
+    paragraph = str(error).strip().split("\n\n")[0]
+    text = " ".join(paragraph.split()).rstrip(".")
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _cuda_available() -> bool:
@@ -107,9 +140,10 @@ class VLLMEngine:
         if quantization:
             kwargs["quantization"] = quantization
         try:
-            self.llm = LLM(**kwargs)
-        except Exception as exc:  # vLLM raises many types; the first line says what went wrong
-            raise CaiError(f"vLLM could not start model '{model}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            with children_die_with_parent():
+                self.llm = LLM(**kwargs)
+        except Exception as exc:  # vLLM raises many types
+            raise CaiError(f"vLLM could not start model '{model}': {describe_failure(exc)}") from exc
         self.tokenizer = self.llm.get_tokenizer()
         for adapter_name, path in (adapters or {}).items():
             self.add_adapter(adapter_name, path)
