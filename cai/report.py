@@ -162,7 +162,7 @@ def warnings(evaluation: dict) -> list[str]:
     calibration = evaluation.get("judge_calibration")
     if calibration is not None:
         bound = calibration.get("reliable_lower_bound")
-        for key, rates in (("harm", "harmless rates"), ("refusal", "over-refusal rates"), ("preference", "labeller win rate")):
+        for key, rates in (("harm", "harmless rates"), ("refusal", "over-refusal rates"), ("preference", "labeller win rates")):
             check = calibration.get(key)
             if check and not check["reliable"]:
                 notes.append(f"The judge scored {check['accuracy']} on the labelled {key} checks (95% CI {_ci(check['ci95'])}, "

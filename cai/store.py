@@ -47,6 +47,7 @@ CAI_NAMES = frozenset({
     "work", "trace.jsonl", "sft.jsonl", "preferences.jsonl", "responses.jsonl", "train.jsonl", "eval.jsonl",
     "best_of_n.jsonl", "hf", "labels",
     "checkpoints", "checkpoint", "checkpoint.tmp", "adapter", "stage_adapter", "merged", "value_head.pt",
+    "kl_samples.json", "calibration_labels",
 })
 CAI_PATTERNS = ("answers-*.json", ".*.tmp-*")
 

@@ -420,3 +420,75 @@ def test_served_choices_that_collapse_together_are_rejected(scripted):
     _, url = scripted
     with pytest.raises(CaiError, match="cannot be told apart"):
         openai_engine(url).score_choices(CHOICE[:1], ["A", " A"])
+
+
+# -- 200 replies whose choices, usage or logprobs are the wrong shape (issue 19, found by fuzzing) --------
+
+
+def malformed_reply_error(scripted, raw: bytes, call) -> str:
+    """The one-line CaiError a 200 reply `raw` gives, checked to name the status and the URL without
+    its credentials; the request is not retried (the same answer would come back)."""
+    script, url = scripted
+    script.raw_reply = raw
+    with pytest.raises(CaiError) as err:
+        call(url.replace("http://", "http://alice:hunter2@"))
+    message = str(err.value)
+    assert "HTTP 200 with a malformed reply" in message and url.split("//")[1] + "/" in message
+    assert "hunter2" not in message and "\n" not in message and len(script.seen) == 1
+    return message
+
+
+@pytest.mark.parametrize("with_tokenizer, n, raw, what", [
+    (False, 2, b'{"choices": [{"index": null}, {}]}', "choices[0].message is None"),
+    (False, 1, b'{"choices": [1]}', "choices[0] is 1, not an object"),
+    (True, 1, b'{"choices": [{"text": null}]}', "choices[0].text is None, not a string"),
+    (True, 1, b'{"choices": [{"text": 5}]}', "choices[0].text is 5"),
+    (True, 1, b'{"choices": [{"text": "a"}], "usage": 1}', "usage is 1, not an object"),
+    (False, 1, b'{"choices": [{"message": {"content": "a"}}], "usage": {"completion_tokens": "x"}}', "usage.completion_tokens is 'x'"),
+    (True, 1, b'{"choices": [{"text": "a"}], "usage": {"prompt_tokens": -3}}', "usage.prompt_tokens is -3"),
+    (True, 1, b'{"choices": [{"text": "a", "finish_reason": ["stop"]}]}', "finish_reason is ['stop']"),
+    (True, 2, b'{"choices": [{"index": 0, "text": "a"}, {"index": 0, "text": "b"}]}', "indices [0, 0] are not 0..1"),
+    (True, 2, b'{"choices": [{"index": "0", "text": "a"}, {"index": 1, "text": "b"}]}', "indices ['0', 1]"),
+    (True, 2, b'{"choices": [{"text": "a"}]}', "1 choices for n=2"),
+])
+def test_openai_malformed_generation_reply_is_a_one_line_error(scripted, tiny_tokenizer_dir, with_tokenizer, n, raw, what):
+    tokenizer = str(tiny_tokenizer_dir) if with_tokenizer else None
+    message = malformed_reply_error(scripted, raw, lambda url: openai_engine(url, tokenizer=tokenizer).generate(
+        CHOICE[:1], SamplingSettings(n=n, max_tokens=8)))
+    assert what in message and ("/completions" if with_tokenizer else "/chat/completions") in message
+
+
+@pytest.mark.parametrize("with_tokenizer, raw, what", [
+    (True, b'{"choices": [{"logprobs": {"top_logprobs": [{" A": "x"}]}}]}', "is 'x', not a number"),
+    (True, b'{"choices": [{"logprobs": {"top_logprobs": [{" A": NaN}]}}]}', "is nan, not a log-probability"),
+    (True, b'{"choices": [{"logprobs": {"top_logprobs": [{" A": Infinity, "B": -1}]}}]}', "is inf, not a log-probability"),
+    (True, b'{"choices": [{"logprobs": {"top_logprobs": [{" A": 1e308, "A": 1e308}]}}]}', "is 1e+308, not a log-probability"),
+    (True, b'{"choices": [{"logprobs": {"top_logprobs": [1]}}]}', "top_logprobs[0] is 1, not an object"),
+    (True, b'{"choices": [{"logprobs": {"top_logprobs": [{}]}}]}', "is empty"),
+    (True, b'{"choices": [{"text": "A"}]}', "no logprobs"),
+    (False, b'{"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": 1, "logprob": -1}]}]}}]}', "token is 1, not a string"),
+    (False, b'{"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": null, "logprob": -1}]}]}}]}', "token is None"),
+    (False, b'{"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": "A"}]}]}}]}', "logprob is None, not a number"),
+    (False, b'{"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": "A", "logprob": true}]}]}}]}', "is True, not a number"),
+    (False, b'{"choices": [{"logprobs": {"content": []}}]}', "content is [], not a non-empty list"),
+])
+def test_openai_malformed_logprobs_reply_is_a_one_line_error(scripted, tiny_tokenizer_dir, with_tokenizer, raw, what):
+    tokenizer = str(tiny_tokenizer_dir) if with_tokenizer else None
+    message = malformed_reply_error(scripted, raw, lambda url: openai_engine(url, tokenizer=tokenizer).score_choices(
+        CHOICE[:1], ["A", "B"]))
+    assert what in message
+
+
+@pytest.mark.parametrize("with_tokenizer", [False, True])
+def test_served_choice_scores_are_summed_in_log_space(scripted, tiny_tokenizer_dir, with_tokenizer):
+    """Tiny probabilities (exp(-800) is 0.0 in floats) still rank the choices, and -inf (the
+    Python JSON a server may send for probability 0) counts as exactly 0."""
+    script, url = scripted
+    engine = openai_engine(url, tokenizer=str(tiny_tokenizer_dir) if with_tokenizer else None)
+    script.top = {"A": -800.0, " A": -800.0, "B": -801.0}
+    scores = engine.score_choices(CHOICE[:1], ["A", "B"])
+    assert scores.probs[0] == pytest.approx([2 / (2 + math.exp(-1)), math.exp(-1) / (2 + math.exp(-1))])
+    assert scores.mass[0] == 0.0
+    script.top = {"A": -math.inf, "B": math.log(0.5), "C": math.log(0.25)}
+    scores = engine.score_choices(CHOICE[:1], ["A", "B"])
+    assert scores.probs[0] == [0.0, 1.0] and scores.mass[0] == pytest.approx(0.5)

@@ -104,6 +104,11 @@ def test_miniature_recipe_runs_every_stage_then_skips(tiny_causal_lm_dir, tmp_pa
     assert "kl_to_reference" in metrics and metrics["mean_length"]["policy"] > 0
     assert (out / "report.md").exists() and "<svg" in (out / "report.html").read_text()
     assert json.loads((out / "blend" / "summary.json").read_text())["train"] > 0
+    # Every name a stage writes is one `--overwrite` and a changed stage know to clear (store.CAI_NAMES).
+    from cai import store
+
+    written = {f"{stage.name}/{entry.name}" for stage in out.iterdir() if stage.is_dir() for entry in stage.iterdir()}
+    assert not {name for name in written if not store.is_cai_name(name.split("/", 1)[1])}
 
     logs.clear()
     assert RecipeRunner(load_recipe(path), log=logs.append).run() == {}

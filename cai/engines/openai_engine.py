@@ -15,6 +15,9 @@ Keys are opt-in: a key is sent only when `api_key_env` names the environment var
 user's key). It is read at request time and never stored on the engine, logged, or put in an error
 message. A key (or user:password@ in a URL) is refused over plain HTTP to any host but this machine
 unless `allow_insecure_key` says so. URLs are printed with their credentials removed.
+
+A 200 reply whose body is not the shape the API promises (see `openai_reply`) is a one-line error
+naming the status, the URL and the field, and is not retried.
 """
 
 from __future__ import annotations
@@ -23,18 +26,18 @@ import asyncio
 import ipaddress
 import itertools
 import logging
-import math
 import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
 from cai import chat
 from cai.engines.base import ChatPrompt, ChoiceScores, Generation, SamplingSettings, normalise, truncate_at_stop
+from cai.engines.openai_reply import MalformedReply, generation_parts, match_choices, next_token_logprobs
 from cai.errors import CaiError
 
 log = logging.getLogger(__name__)
@@ -144,8 +147,9 @@ class OpenAIEngine:
         bodies = [self._body(p, adapter, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                              max_tokens=sampling.max_tokens, seed=seed, stop=list(sampling.stop) or None)
                   for p, seed in zip(prompts, seeds)]
-        responses = self._run(bodies)
-        return [self._generation(r, sampling) for r in responses]
+        chat = self.tokenizer is None
+        parts = self._run(bodies, lambda data: generation_parts(data, chat=chat, n=sampling.n))
+        return [self._generation(p, sampling) for p in parts]
 
     def score_choices(
         self, prompts: Sequence[ChatPrompt], choices: Sequence[str], adapter: str | None = None
@@ -154,12 +158,13 @@ class OpenAIEngine:
             extra = {"logprobs": 20}
         else:
             extra = {"logprobs": True, "top_logprobs": 20}
+        match_choices({}, choices)  # choices that cannot be told apart fail before any request
         bodies = [self._body(p, adapter, max_tokens=1, temperature=0.0, **extra) for p in prompts]
         probs, mass = [], []
-        for response in self._run(bodies):
-            p, m = normalise(self._choice_logprobs(response, choices))
+        for logprobs in self._run(bodies, self._choice_logprobs(choices)):
+            p, m = normalise(logprobs)  # max-shifted: the logsumexp'd logprobs are <= ~0, so nothing overflows
             probs.append(p)
-            mass.append(m)
+            mass.append(min(m, 1.0))  # float32 rounding on the server can sum a hair above 1
         return ChoiceScores(probs=probs, mass=mass)
 
     def close(self) -> None:
@@ -181,50 +186,45 @@ class OpenAIEngine:
             body["_path"] = "/chat/completions"
         return body
 
-    def _generation(self, response: dict, sampling: SamplingSettings) -> Generation:
-        choices = sorted(response.get("choices", []), key=lambda c: c.get("index", 0))
+    def _generation(self, parts: tuple[list[str], list[str | None], int, int], sampling: SamplingSettings) -> Generation:
+        """A Generation from `generation_parts` of a reply already checked for shape and types."""
+        raw_texts, raw_reasons, prompt_tokens, completion_tokens = parts
         texts, reasons = [], []
-        for choice in choices:
-            text = choice.get("text") if "text" in choice else (choice.get("message") or {}).get("content") or ""
+        for text, reason in zip(raw_texts, raw_reasons):
             text, stopped = truncate_at_stop(text, sampling.stop)
             texts.append(text)
-            reasons.append("stop" if stopped or choice.get("finish_reason") == "stop" else "length")
-        usage = response.get("usage") or {}
+            reasons.append("stop" if stopped or reason == "stop" else "length")
         if self.tokenizer is not None:
             counts = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         else:  # the server reports one total for all n completions
-            total = int(usage.get("completion_tokens", 0))
-            counts = [total // max(1, len(texts))] * len(texts)
-        return Generation(texts, int(usage.get("prompt_tokens", 0)), counts, reasons)
+            counts = [completion_tokens // max(1, len(texts))] * len(texts)
+        return Generation(texts, prompt_tokens, counts, reasons)
 
-    @staticmethod
-    def _choice_logprobs(response: dict, choices: Sequence[str]) -> list[float]:
-        choice = (response.get("choices") or [{}])[0]
-        top: dict[str, float] = {}
-        logprobs = choice.get("logprobs") or {}
-        if "top_logprobs" in logprobs and isinstance(logprobs["top_logprobs"], list):  # completions API
-            top = dict((logprobs["top_logprobs"] or [{}])[0] or {})
-        elif isinstance(logprobs.get("content"), list) and logprobs["content"]:  # chat API
-            top = {e["token"]: e["logprob"] for e in logprobs["content"][0].get("top_logprobs", [])}
-        return match_choices(top, choices)
+    def _choice_logprobs(self, choices: Sequence[str]) -> Callable[[dict], list[float]]:
+        """The reader of a one-token reply: each choice's log-probability from its top tokens."""
+        chat = self.tokenizer is None
+        return lambda data: match_choices(next_token_logprobs(data, chat=chat), choices)
 
     # -- transport --------------------------------------------------------------------------------
-    def _run(self, bodies: list[dict]) -> list[dict]:
+    def _run(self, bodies: list[dict], read: Callable[[dict], Any]) -> list:
+        """Each body's reply, passed through `read` where the status and the URL are known, so a
+        `MalformedReply` becomes a one-line CaiError naming them."""
         if not bodies:
             return []
-        return asyncio.run(self._gather(bodies))
+        return asyncio.run(self._gather(bodies, read))
 
-    async def _gather(self, bodies: list[dict]) -> list[dict]:
+    async def _gather(self, bodies: list[dict], read: Callable[[dict], Any]) -> list:
         limit = asyncio.Semaphore(self.settings.max_concurrency)
         timeout = httpx.Timeout(self.settings.timeout_s)
         async with httpx.AsyncClient(timeout=timeout) as client:
-            async def one(body: dict) -> dict:
+            async def one(body: dict) -> Any:
                 async with limit:
-                    return await self._post(client, next(self._urls), body)
+                    return await self._post(client, next(self._urls), body, read)
 
             return await asyncio.gather(*(one(b) for b in bodies))
 
-    async def _post(self, client: httpx.AsyncClient, server: tuple[str, httpx.BasicAuth | None], body: dict) -> dict:
+    async def _post(self, client: httpx.AsyncClient, server: tuple[str, httpx.BasicAuth | None], body: dict,
+                    read: Callable[[dict], Any]) -> Any:
         base_url, auth = server
         body = dict(body)
         url = base_url + body.pop("_path")
@@ -242,7 +242,10 @@ class OpenAIEngine:
                 last_problem = f"{type(exc).__name__}"
             else:
                 if response.status_code == 200:
-                    return _reply(response, shown)
+                    try:
+                        return read(_reply(response, shown))
+                    except MalformedReply as exc:  # not retried: the same answer would come back
+                        raise CaiError(f"{shown} answered HTTP 200 with a malformed reply: {exc}") from None
                 if response.status_code in (401, 403):
                     where = f"the API key in ${self.settings.api_key_env}" if self.settings.api_key_env else (
                         "no API key was sent: name its variable in engine.openai.api_key_env")
@@ -287,40 +290,3 @@ def _server_message(response: httpx.Response) -> str:
     else:
         message = data
     return str(message).strip().splitlines()[0][:300] if message and str(message).strip() else "(no message)"
-
-
-# -- matching the server's top tokens to the choices -------------------------------------------------
-
-_WORD_MARKERS = " \t\r\n\u2581\u0120"  # whitespace, SentencePiece "▁" and byte-BPE "Ġ" word starts
-
-
-def match_choices(top: dict[str, float], choices: Sequence[str]) -> list[float]:
-    """Log-probability of each choice from a server's top-k next tokens (token text -> logprob).
-
-    Servers return token *text*: " Yes", "Yes" and "yes" are different tokens that give the same
-    answer, so they are compared with leading/trailing whitespace removed and, when the choices
-    stay distinct that way, without case; all variants of a choice add up. A token that is the
-    start of exactly one choice ("(A" for "(A)") counts for it, as the local engines read a
-    choice's first token; longer tokens ("10" for "1") and shared starts ("(") count for none.
-    """
-    stripped = [c.strip(_WORD_MARKERS) for c in choices]
-    folded = [c.casefold() for c in stripped]
-    fold = len(set(folded)) == len(folded)
-    wanted = folded if fold else stripped
-    if len(set(wanted)) != len(wanted) or not all(wanted):
-        raise CaiError(f"choices {list(choices)} cannot be told apart in a server's token text; use distinct words")
-    totals = [0.0] * len(choices)
-    for token, logprob in top.items():
-        text = token.strip(_WORD_MARKERS)
-        text = text.casefold() if fold else text
-        if not text:
-            continue
-        if text in wanted:
-            index = wanted.index(text)
-        else:
-            starts = [i for i, w in enumerate(wanted) if w.startswith(text)]
-            if len(starts) != 1:
-                continue
-            index = starts[0]
-        totals[index] += math.exp(logprob)
-    return [math.log(t) if t > 0 else -math.inf for t in totals]
