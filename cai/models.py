@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 from cai.errors import CaiError
 from cai.paths import cache_dir
-from cai.store import fsync_dir
+from cai.store import fsync_dir, fsync_tree
 
 COMPLETE_MARKER = "cai-model.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -136,7 +136,7 @@ def materialize_atomically(
         try:
             build(tmp)
             (tmp / COMPLETE_MARKER).write_text(json.dumps(provenance or {}, indent=2))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             os.rename(tmp, target)
             fsync_dir(target.parent)  # the rename itself survives a power cut
         except BaseException:
@@ -208,14 +208,3 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Every file's data, then every folder's entries (deepest first), down from `folder`."""
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    for directory in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        fsync_dir(directory)
-    fsync_dir(folder)

@@ -221,7 +221,9 @@ class PPOTrainer:
                     "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
         if final.exists():  # a same-step folder can only be a leftover of an earlier run over this folder
             shutil.rmtree(final)
+        store.fsync_tree(tmp)  # the data, then the rename, survive a power cut, not only a kill
         tmp.rename(final)
+        store.fsync_dir(root)
         for old in [p for p in root.iterdir() if p != final] + [self.out_dir / "checkpoint", self.out_dir / "checkpoint.tmp"]:
             if old.exists():
                 shutil.rmtree(old)

@@ -130,6 +130,17 @@ def fsync_dir(directory: Path | str) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Every file's data, then every folder's entries (deepest first), down from `folder`."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        fsync_dir(directory)
+    fsync_dir(folder)
+
+
 def make_dirs(directory: Path) -> None:
     """`mkdir -p` whose new folders are recorded durably in their parents."""
     directory = Path(directory)

@@ -70,7 +70,7 @@ def test_unrecognised_json_is_named(tmp_path):
 def test_invalid_json_is_named(tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text("{not json")
-    with pytest.raises(CaiError, match="broken.json: not valid JSON"):
+    with pytest.raises(CaiError, match="broken.json:1: not valid JSON"):
         import_files([bad])
 
 
