@@ -71,19 +71,12 @@ class CalibrationRow:
 def load_calibration(path: str | Path) -> list[CalibrationRow]:
     rows, seen = [], set()
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CaiError(f"cannot read the judge calibration set: {exc}", source=str(path)) from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CaiError(f"cannot read the judge calibration set: {exc.strerror or exc}", source=str(path)) from None
+    # cai's one JSONL reader: split on "\n" only, bad UTF-8/JSON/non-objects named by file:line.
+    for number, raw in store.iter_jsonl(data.split(b"\n"), str(path)):
         where = f"{path}:{number}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CaiError(f"not valid JSON: {exc.msg}", source=where) from None
-        if not isinstance(raw, dict):
-            raise CaiError("each row must be an object", source=where)
         if raw.get("question") not in QUESTIONS:
             raise CaiError(f"must be one of {', '.join(QUESTIONS)}", source=where, field="question")
         label = raw.get("label")
