@@ -181,3 +181,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(1200))
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """(inode, is_folder) of every descriptor os.fsync saw (durability tests)."""
+    import stat
+    seen = []
+    real = os.fsync
+
+    def recording(fd):
+        info = os.fstat(fd)
+        seen.append((info.st_ino, stat.S_ISDIR(info.st_mode)))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return seen

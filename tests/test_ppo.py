@@ -428,23 +428,12 @@ def test_shaping_is_logged_and_its_running_moments_resume(tiny_causal_lm_dir, tm
     assert resumed.score_moments.count == 2 * settings.batch_size
 
 
-def test_a_checkpoint_is_fsynced_before_and_after_its_rename(tiny_causal_lm_dir, tmp_path, monkeypatch):
+def test_a_checkpoint_is_fsynced_before_and_after_its_rename(tiny_causal_lm_dir, tmp_path, request):
     """A checkpoint survives a power cut, not only a kill: its files, its folder, and the
     `checkpoints` folder holding the rename are all fsynced."""
-    import os
-    import stat
-
-    seen = []
-    real = os.fsync
-
-    def recording(fd):
-        info = os.fstat(fd)
-        seen.append((info.st_ino, stat.S_ISDIR(info.st_mode)))
-        return real(fd)
-
     trainer = PPOTrainer(str(tiny_causal_lm_dir), _constant_reward, PROMPTS, tmp_path,
                          _settings(steps=1, batch_size=2, ppo_epochs=1, max_new_tokens=4))
-    monkeypatch.setattr(os, "fsync", recording)
+    seen = request.getfixturevalue("fsyncs")  # recording starts after the trainer is built
     folder = trainer.save()
     assert ((folder / "state.pt").stat().st_ino, False) in seen
     assert ((folder / "adapter" / "adapter_model.safetensors").stat().st_ino, False) in seen

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -363,21 +362,6 @@ def test_bad_user_sft_data_is_a_cai_error_with_file_and_line(tmp_path, content, 
 
 
 # -- 4. durability: fsync of the file and of its folder; a damaged manifest keeps the work ---------
-
-
-@pytest.fixture
-def fsyncs(monkeypatch):
-    """(inode, is_folder) of every descriptor os.fsync saw."""
-    seen = []
-    real = os.fsync
-
-    def recording(fd):
-        info = os.fstat(fd)
-        seen.append((info.st_ino, stat.S_ISDIR(info.st_mode)))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
-    return seen
 
 
 @pytest.mark.parametrize("write", [
