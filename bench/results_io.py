@@ -32,6 +32,13 @@ def peak_memory() -> dict:
     return peaks
 
 
+def with_roofline(results: dict, **fractions: float | None) -> dict:
+    """`results` plus `roofline_fraction`: {part: share of this machine's bound it reached}, from
+    bench/roofline.py's `generation_fraction`/`training_fraction` (None: not computable)."""
+    shares = {part: None if f is None else round(f, 4) for part, f in fractions.items()}
+    return {**results, "roofline_fraction": {**results.get("roofline_fraction", {}), **shares}}
+
+
 def write_results(out: str | Path, results: dict) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 Items are (row id, request, seed). They are sent to the engine a chunk at a time; each chunk's
 rows are appended to a `WorkLog` (flushed and fsynced) before the next chunk starts, so a killed
 job loses at most one chunk and resumes from its log. Per-request seeds make a regenerated chunk
-identical to what an uninterrupted run would have produced.
+identical to what an uninterrupted run would have produced. The stats count prompt tokens and how
+many of them the engine served from its prefix cache (vLLM reports them; other engines report 0).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def request_seed(*parts) -> int:
     return int(store.stable_id(*parts)[:12], 16)
 
 
+def cached_share(cached: int, prompt: int) -> float:
+    """The share of prompt tokens the engine served from its prefix cache (0 when none were sent)."""
+    return round(cached / prompt, 4) if prompt else 0.0
+
+
 def generate_durably(
     engine: Engine,
     items: Sequence[WorkItem],
@@ -44,7 +50,8 @@ def generate_durably(
     on_chunk: Callable[[str, int], None] | None = None,
 ) -> tuple[list[dict], dict]:
     """Generate for `items` (those not yet done), appending rows durably; returns (rows, stats)."""
-    stats = {"rows": total, "generated": 0, "prompt_tokens": 0, "completion_tokens": 0, "seconds": 0.0}
+    stats = {"rows": total, "generated": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
+             "seconds": 0.0}
     produced: list[dict] = []
     with StageProgress(label, total=total, completed=total - len(items), enabled=show_progress) as bar:
         for start in range(0, len(items), chunk_size):
@@ -58,8 +65,10 @@ def generate_durably(
             new_tokens = sum(sum(g.completion_tokens) for g in generations)
             stats["generated"] += len(rows)
             stats["prompt_tokens"] += sum(g.prompt_tokens for g in generations)
+            stats["cached_prompt_tokens"] += sum(g.cached_tokens for g in generations)
             stats["completion_tokens"] += new_tokens
             bar.advance(len(rows), new_tokens)
             if on_chunk:
                 on_chunk(label, len(rows))
+    stats["cached_prompt_share"] = cached_share(stats["cached_prompt_tokens"], stats["prompt_tokens"])
     return produced, stats

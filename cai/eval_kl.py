@@ -10,6 +10,9 @@ Why it is done this way:
   stripping it and tokenising it again can give other ids (merges across the prompt boundary,
   whitespace, byte fallback), and then the number is the KL of some other sequence.
 - It runs on the model's device: CUDA when there is one (a 7B model on the CPU takes hours).
+- On a vLLM engine (`estimate_kl_on_engine`) the samples and log pi come from vLLM's sampler
+  (raw log-probabilities of the sampled ids) and log ref from its prompt log-probabilities of the
+  same ids under the reference: 53 s -> about 12 s for the quickstart's 32 samples on the CPU.
 
 The reference is the SFT adapter when the recipe trains one (what DPO, GRPO, RLOO and PPO start
 from), else the base with the adapter disabled. The samples, their ids and both log-probabilities
@@ -164,6 +167,41 @@ def summarise(rows: Sequence[dict], reference_name: str, max_tokens: int, device
     }
 
 
+def _kept(cache: Path, key: str) -> dict | None:
+    try:
+        kept = json.loads(cache.read_text())
+        return kept if kept["key"] == key else None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def estimate_kl_on_engine(engine, prompts: Sequence[Prompt], cache: Path, *, policy: str, reference: str | None,
+                          reference_name: str = "base", settings: KLSettings = KLSettings(), max_tokens: int = 128,
+                          seed: int = 0, adapter_digests: Sequence[str | None] = ()) -> dict:
+    """The same estimate on an engine with `sample_token_logprobs` and `sequence_logprobs` (vLLM),
+    whose adapters `policy` and `reference` (None: the base) are already attached. Each sample has
+    its own seed, so the rows do not depend on batching."""
+    from cai.durable import request_seed
+
+    key = store.stable_id(engine.model, engine.name, list(adapter_digests), reference_name,
+                          [list(p.messages) for p in prompts], asdict(settings), max_tokens, seed)
+    device = f"{engine.name} on {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    kept = _kept(cache, key)
+    if kept is not None:
+        return summarise(kept["rows"], reference_name, max_tokens, kept["device"])
+    jobs = [(p, k) for p in prompts for k in range(settings.samples_per_prompt)]
+    encoded = {p.id: engine.tokenizer(chat.render(engine.tokenizer, p.messages), add_special_tokens=False)["input_ids"]
+               for p in prompts}
+    prompt_ids = [encoded[p.id] for p, _ in jobs]
+    sampled = engine.sample_token_logprobs(prompt_ids, max_tokens, [request_seed("kl", p.id, k, seed) for p, k in jobs],
+                                           adapter=policy)
+    reference_lp = engine.sequence_logprobs(prompt_ids, [ids for ids, _, _ in sampled], adapter=reference)
+    rows = [{"prompt_id": p.id, "sample": k, "token_ids": ids, "policy_logprob": lp, "reference_logprob": ref, "stopped": stopped}
+            for (p, k), (ids, lp, stopped), ref in zip(jobs, sampled, reference_lp)]
+    store.write_json_atomic(cache, {"key": key, "device": device, "rows": rows})
+    return summarise(rows, reference_name, max_tokens, device)
+
+
 def estimate_kl(model_name: str, policy_adapter: str, prompts: Sequence[Prompt], cache: Path, *,
                 reference_adapter: str | None = None, reference_name: str = "base", settings: KLSettings = KLSettings(),
                 max_tokens: int = 128, seed: int = 0, threads: int = 0, trust_remote_code: bool = False,
@@ -176,12 +214,9 @@ def estimate_kl(model_name: str, policy_adapter: str, prompts: Sequence[Prompt],
     device = runtime.apply(runtime.RuntimeSettings(threads=threads))
     key = store.stable_id(model_name, list(adapter_digests), reference_name, [list(p.messages) for p in prompts],
                           asdict(settings), max_tokens, seed)
-    try:
-        kept = json.loads(cache.read_text())
-        if kept["key"] == key:
-            return summarise(kept["rows"], reference_name, max_tokens, kept["device"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        pass
+    kept = _kept(cache, key)
+    if kept is not None:
+        return summarise(kept["rows"], reference_name, max_tokens, kept["device"])
     tokenizer = load_tokenizer(model_name, trust_remote_code=trust_remote_code)
     placement = {"device_map": {"": 0}} if device == "cuda" else {}
     base = load_causal_lm(model_name, dtype=runtime.model_dtype(device), trust_remote_code=trust_remote_code, **placement)

@@ -40,7 +40,7 @@ from cai import store
 from cai.constitution import Constitution, PreferencePrinciple
 from cai.engines.base import ChatPrompt, Engine, Generation, SamplingSettings
 from cai.eval_judge import RELIABLE_LOWER_BOUND, CalibrationRow, Judge, check_preference, check_questions, preference_records
-from cai.eval_kl import KLSettings, estimate_kl
+from cai.eval_kl import KLSettings, estimate_kl, estimate_kl_on_engine
 from cai.eval_length import length_controlled_win_rate, length_correlation, paired_length_difference
 from cai.eval_probes import (RefusalSettings, SycophancySettings, XSTestSettings, primary_detector,
                              run_sycophancy, score_xstest, texts, validate_detectors)
@@ -178,6 +178,15 @@ def evaluate_policy(
         requests_xs = [ChatPrompt.of(s.prompt.messages) for s in safety]
         xstest_answers = {m: texts(answer(m, requests_xs, probe_greedy(xstest.max_tokens), "xstest")) for m in models}
         done(f"XSTest-style set: {len(safety)} answers from each model")
+    # On vLLM the engine samples and scores the KL estimate itself, before it is handed back.
+    kl_tokens = kl.max_tokens or max_tokens
+    digests = [adapter_digest(policy_adapter_path), adapter_digest(baseline_adapter_path)]
+    kl_on_engine = None
+    if kl.enabled and policy_adapter and hasattr(engine, "sequence_logprobs"):
+        kl_on_engine = estimate_kl_on_engine(
+            engine, prompts, out_dir / "kl_samples.json", policy=policy_adapter, reference=baseline_adapter,
+            reference_name=baseline_name, settings=kl, max_tokens=kl_tokens, seed=seed, adapter_digests=digests)
+        done(f"KL to the {baseline_name} model on {kl_on_engine['n']} sampled responses")
     if free_device:
         free_device()
     policy_out, baseline_out = answers["policy"], answers["baseline"]
@@ -185,13 +194,14 @@ def evaluate_policy(
     baseline_texts = [g.texts[0].strip() for g in baseline_out]
     kinds = ["red_team"] * len(red_team) + ["benign"] * len(benign)
     metrics: dict = {"prompts": {"red_team": len(red_team), "benign": len(benign)}}
+    if kl_on_engine is not None:
+        metrics["kl_to_reference"] = kl_on_engine
 
-    if model_name and policy_adapter_path and kl.enabled:
-        kl_tokens = kl.max_tokens or max_tokens
+    if kl_on_engine is None and model_name and policy_adapter_path and kl.enabled:
         metrics["kl_to_reference"] = estimate_kl(
             model_name, policy_adapter_path, prompts, out_dir / "kl_samples.json", reference_adapter=baseline_adapter_path,
             reference_name=baseline_name, settings=kl, max_tokens=kl_tokens, seed=seed, threads=threads,
-            trust_remote_code=trust_remote_code, adapter_digests=[adapter_digest(policy_adapter_path), adapter_digest(baseline_adapter_path)])
+            trust_remote_code=trust_remote_code, adapter_digests=digests)
         done(f"KL to the {baseline_name} model on {metrics['kl_to_reference']['n']} sampled responses")
 
     judge_engine = _ready(judge_engine, "score_choices")

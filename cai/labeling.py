@@ -29,6 +29,12 @@ Why it is written this way (see the CAI and RLAIF papers):
   from `preferences.jsonl` (counted in the summary) unless `keep_ties`; kept, it trains as
   chosen_prob 0.5, which soft-label DPO and the reward model read as "no preference".
 
+- Prefix cache: the template puts the conversation first, then the principle, then the answers,
+  so all requests of a pair share the conversation and both orders under one principle share the
+  principle too. The summary reports the prompt tokens sent and how many the engine's prefix
+  cache served. (vLLM caches whole blocks, 128 tokens by default on a CPU: longer than the
+  ~60-80 tokens those requests share, so on a CPU nothing is served unless the block is smaller.)
+
 TRL has no AI labeller (its judges were removed in 1.1), hence this module. Work is chunked and
 logged durably like every generating stage, so a killed labelling run resumes.
 """
@@ -42,7 +48,7 @@ from typing import Literal, Sequence
 
 from cai import __version__, schema, store
 from cai.constitution import Constitution
-from cai.durable import request_seed
+from cai.durable import cached_share, request_seed
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
 from cai.errors import CaiError
 from cai.progress import StageProgress
@@ -138,6 +144,8 @@ class LabelRun:
         template = {"logprob": "preference", "cot": "preference_cot", "score": "score"}[settings.mode]
         self.template_name = template
         self._ten_is_a_choice: bool | None = None  # score mode: can the engine read "10" beside "1"?
+        # Prompt tokens this run sent, and how many of them the engine's prefix cache served.
+        self.tokens = {"prompt_tokens": 0, "cached_prompt_tokens": 0}
 
     def fingerprint(self) -> dict:
         s = self.settings
@@ -180,12 +188,13 @@ class LabelRun:
             greedy = SamplingSettings(temperature=0.0, max_tokens=self.settings.cot_max_tokens, stop=("Therefore",))
             seeds = [request_seed(*key) for key in keys]
             generations = self.engine.generate([r for _, r in requests], greedy, seeds=seeds)
+            self._count(prompt=sum(g.prompt_tokens for g in generations), cached=sum(g.cached_tokens for g in generations))
             reasoning = [g.texts[0].rstrip() for g in generations]
             requests = [
                 (turn, ChatPrompt(request.messages, turn.assistant_prefix + thought + turn.answer_prefix))
                 for (turn, request), thought in zip(requests, reasoning)
             ]
-        scores = self.engine.score_choices([r for _, r in requests], ["A", "B"])
+        scores = self._counted(self.engine.score_choices([r for _, r in requests], ["A", "B"]))
         rows: dict[str, dict] = {}
         for p in chunk:
             k = len(self.principles[p.id])
@@ -213,7 +222,9 @@ class LabelRun:
                     requests.append(ChatPrompt.of([{"role": "user", "content": turn.content}], turn.assistant_prefix))
         first = self._score_ratings(requests)
         # Where "10" is spelled "1" then "0", P(10) includes P("1") * P("0" | "1"), read in a second step.
-        after_one = self.engine.score_choices([ChatPrompt(r.messages, r.assistant_prefix + "1") for r in requests], ["0"])
+        after_one = self._counted(
+            self.engine.score_choices([ChatPrompt(r.messages, r.assistant_prefix + "1") for r in requests], ["0"])
+        )
         rows = {}
         for p in chunk:
             k = len(self.principles[p.id])
@@ -230,14 +241,22 @@ class LabelRun:
         "1"; the engine refuses such choices). Decided on the first chunk, then reused."""
         if self._ten_is_a_choice is not False:
             try:
-                scores = self.engine.score_choices(requests, RATINGS)
+                scores = self._counted(self.engine.score_choices(requests, RATINGS))
                 self._ten_is_a_choice = True
                 return scores
             except CaiError:
                 if self._ten_is_a_choice:  # it worked before: a real error
                     raise
                 self._ten_is_a_choice = False
-        return self.engine.score_choices(requests, DIGITS)
+        return self._counted(self.engine.score_choices(requests, DIGITS))
+
+    def _count(self, *, prompt: int, cached: int) -> None:
+        self.tokens["prompt_tokens"] += prompt
+        self.tokens["cached_prompt_tokens"] += cached
+
+    def _counted(self, scores):
+        self._count(prompt=sum(scores.prompt_tokens), cached=sum(scores.cached_tokens))
+        return scores
 
     # -- the run --------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -336,6 +355,9 @@ class LabelRun:
             **position_stats(records),
             "mean_chosen_prob": round(sum(r["chosen_prob"] for r in records) / len(records), 4) if records else None,
             "resumed": resumed,
+            # What this run sent (a resumed run: only the rest); engines without a prefix cache report 0 cached.
+            **self.tokens,
+            "cached_prompt_share": cached_share(self.tokens["cached_prompt_tokens"], self.tokens["prompt_tokens"]),
         }
         store.write_json_atomic(self.out_dir / "summary.json", summary)
         return summary

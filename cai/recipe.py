@@ -162,10 +162,12 @@ class Recipe:
     # eval of each iteration lands in `iteration-N/eval` and the report puts them side by side.
     iterations: int = 1
     engine: EngineSettings = field(default_factory=EngineSettings)
-    # Which engine runs generation with LoRA adapters (sampling from the SFT policy, evaluation).
-    # auto: the transformers engine on CPU, the recipe's engine on GPU. Measured on the 2-core CPU:
-    # vLLM started with LoRA support generated 47-91 tok/s against 229 without it.
-    adapter_engine: Literal["auto", "same", "hf"] = "auto"
+    # How generation with LoRA adapters runs (sampling from the SFT policy, evaluation).
+    # same: the recipe's engine applies them per request (vLLM LoRA); merge: the recipe's engine
+    # loads a cached merged copy of the weights in place of the base's (cai/merge.py); hf: the
+    # transformers engine. auto: merge on CPU, same on GPU. Measured on the 2-core CPU: vLLM LoRA
+    # 47-91 tok/s, transformers ~118, merged weights on vLLM as fast as the base (~230).
+    adapter_engine: Literal["auto", "same", "merge", "hf"] = "auto"
     critique: CritiqueStage = field(default_factory=CritiqueStage)
     sft: SFTStage = field(default_factory=SFTStage)
     sample: SampleStage = field(default_factory=SampleStage)

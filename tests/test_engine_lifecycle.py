@@ -96,6 +96,36 @@ def test_engine_cache_keys_on_behaviour_settings(fake_vllm, tiny_causal_lm_dir, 
     assert set(with_lora._adapters) == {"sft", "dpo"} and len(fake_vllm.calls) == 4
 
 
+def test_run_shares_one_merging_engine_across_stages_on_cpu(fake_vllm, tiny_causal_lm_dir, tmp_path, monkeypatch):
+    """`adapter_engine: auto` on a CPU: every stage (base or adapter) gets the same vLLM engine,
+    started without LoRA slots, which serves adapters as merged weights; `hf` still sends adapter
+    work to transformers and `same` starts vLLM with LoRA slots."""
+    import dataclasses
+
+    import torch
+
+    from cai.recipe import Recipe
+    from cai.run import RecipeRunner
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lora = LoraConfig(r=2, target_modules="all-linear")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir), lora).save_pretrained(tmp_path / "sft")
+    recipe = Recipe(name="t", stages=["critique", "sft", "sample"], model=str(tiny_causal_lm_dir), output_dir=str(tmp_path / "run"),
+                    engine=EngineSettings(kind="vllm"))
+    runner = RecipeRunner(recipe)
+    plain = runner.engine()
+    with_adapter = runner.engine(adapters={"sft": str(tmp_path / "sft")})
+    assert with_adapter is plain and plain.merge_adapters and not plain.lora_enabled
+    assert len(fake_vllm.calls) == 1 and not fake_vllm.calls[0].get("enable_lora")
+    hf_runner = RecipeRunner(dataclasses.replace(recipe, adapter_engine="hf"))
+    assert hf_runner.engine(adapters={"sft": str(tmp_path / "sft")}).name == "hf"
+    same = RecipeRunner(dataclasses.replace(recipe, adapter_engine="same")).engine(adapters={"sft": str(tmp_path / "sft")})
+    assert same.lora_enabled and not same.merge_adapters and fake_vllm.calls[-1]["enable_lora"]
+
+
 def test_hf_engine_cache_keys_on_batch_size(tiny_causal_lm_dir, monkeypatch):
     monkeypatch.setattr(engines, "_ENGINES", {})
     model = str(tiny_causal_lm_dir)

@@ -492,3 +492,32 @@ def test_served_choice_scores_are_summed_in_log_space(scripted, tiny_tokenizer_d
     script.top = {"A": -math.inf, "B": math.log(0.5), "C": math.log(0.25)}
     scores = engine.score_choices(CHOICE[:1], ["A", "B"])
     assert scores.probs[0] == [0.0, 1.0] and scores.mass[0] == pytest.approx(0.5)
+
+
+# -- prefix-cache counts (issue 22) -------------------------------------------------------------
+
+
+def test_openai_reads_cached_prompt_tokens_where_the_server_reports_them(scripted):
+    script, url = scripted
+    usage = {"prompt_tokens": 40, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 32}}
+    script.raw_reply = json.dumps({"choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}],
+                                   "usage": usage}).encode()
+    out = openai_engine(url).generate(CHOICE[:2], SamplingSettings(max_tokens=4))
+    assert [(g.prompt_tokens, g.cached_tokens) for g in out] == [(40, 32)] * 2
+    top = [{"token": "A", "logprob": math.log(0.7)}, {"token": "B", "logprob": math.log(0.3)}]
+    script.raw_reply = json.dumps({"choices": [{"index": 0, "message": {"content": "A"},
+                                                "logprobs": {"content": [{"token": "A", "top_logprobs": top}]}}],
+                                   "usage": usage}).encode()
+    scores = openai_engine(url).score_choices(CHOICE[:3], ["A", "B"])
+    assert scores.prompt_tokens == [40] * 3 and scores.cached_tokens == [32] * 3
+    # A server that does not report them (the scripted default, llama.cpp, older vLLM): 0 cached.
+    script.raw_reply = None
+    assert openai_engine(url).generate(CHOICE[:1], SamplingSettings(max_tokens=4))[0].cached_tokens == 0
+    assert openai_engine(url).score_choices(CHOICE[:1], ["A", "B"]).cached_tokens == [0]
+
+
+def test_hf_choice_scores_count_each_prompts_tokens(engine):
+    prompts = PROMPTS[:6]  # six lengths, scored in two length-sorted batches
+    scores = engine.score_choices(prompts, ["A", "B"])
+    lengths = [len(engine.tokenizer(engine.render(p), add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert scores.prompt_tokens == lengths and len(set(lengths)) == 6 and scores.cached_tokens == [0] * 6

@@ -64,6 +64,23 @@ def test_vllm_choice_scores_agree_with_hf(vllm_engine, hf_engine):
         assert sum(a) == pytest.approx(1.0)
         assert a == pytest.approx(b, abs=2e-3)
     assert fast.mass == pytest.approx(slow.mass, abs=2e-3)
+    assert fast.prompt_tokens == slow.prompt_tokens  # the same rendered prompts, counted the same
+
+
+def test_vllm_reports_prefix_cache_hits(vllm_engine):
+    """A prompt seen before is served from the prefix cache in whole blocks (128 tokens on a CPU),
+    never its last token; the counts reach `Generation` and `ChoiceScores` (issue 22)."""
+    vllm_engine.llm.reset_prefix_cache()
+    long = [ChatPrompt.of([{"role": "user", "content": "Tell me about bread. " * 60 + q}]) for q in QUESTIONS[:2]]
+    first = vllm_engine.generate(long[:1], SamplingSettings(temperature=0, max_tokens=4))[0]
+    assert first.prompt_tokens > 256 and first.cached_tokens == 0
+    again = vllm_engine.generate(long, SamplingSettings(temperature=0, max_tokens=4))
+    block = vllm_engine.llm.llm_engine.vllm_config.cache_config.block_size
+    assert again[0].cached_tokens == (again[0].prompt_tokens - 1) // block * block > 0
+    assert 0 < again[1].cached_tokens < again[1].prompt_tokens  # shares the long start only
+    scores = vllm_engine.score_choices(long, ["A", "B"])
+    assert scores.prompt_tokens == [g.prompt_tokens for g in again]
+    assert scores.cached_tokens[0] == again[0].cached_tokens
 
 
 def _free_port() -> int:

@@ -19,11 +19,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 from cai.engines.base import ChatPrompt, ChoiceScores, Engine, Generation, SamplingSettings
 from cai.engines.openai_engine import OpenAISettings
+from cai.engines.starts import engine_starts
 from cai.errors import CaiError
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class EngineSettings:
     trust_remote_code: bool = False
     enable_lora: bool = False  # vllm: reserve LoRA slots so adapters can be attached later
     max_lora_rank: int = 64
+    merge_adapters: bool = False  # vllm: serve adapters as merged weights swapped in place (cai.merge)
     openai: OpenAISettings = field(default_factory=OpenAISettings)
 
     def __post_init__(self) -> None:
@@ -67,10 +70,11 @@ _FELL_BACK: set[tuple] = set()  # `auto` keys whose vLLM start failed: they use 
 # Settings each engine kind ignores: leaving them out of its cache key avoids starting a second,
 # identical engine. Every other field (including any added later) is part of the key.
 _NOT_USED = {
-    "hf": {"max_model_len", "gpu_memory_utilization", "kv_cache_gib", "enable_lora", "max_lora_rank", "openai"},
+    "hf": {"max_model_len", "gpu_memory_utilization", "kv_cache_gib", "enable_lora", "max_lora_rank", "merge_adapters",
+           "openai"},
     "vllm": {"batch_size", "openai"},
     "openai": {"batch_size", "max_model_len", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
-               "enable_lora", "max_lora_rank"},
+               "enable_lora", "max_lora_rank", "merge_adapters"},
 }
 _NOT_BEHAVIOUR = {"kind", "threads"}  # the resolved kind is keyed separately; threads only change speed
 
@@ -79,8 +83,8 @@ def cache_key(kind: str, model: str, settings: EngineSettings, adapters: dict[st
     """What makes two engine requests interchangeable: model, kind and every setting the kind uses."""
     values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
               if f.name not in _NOT_BEHAVIOUR and f.name not in _NOT_USED[kind]}
-    if kind == "vllm":  # adapters need an engine started with LoRA slots
-        values["enable_lora"] = settings.enable_lora or bool(adapters)
+    if kind == "vllm":  # adapters need an engine started with LoRA slots (unless they are merged)
+        values["enable_lora"] = (settings.enable_lora or bool(adapters)) and not settings.merge_adapters
         if not values["enable_lora"]:
             values.pop("max_lora_rank")
     return (kind, model, tuple(sorted(values.items())))
@@ -101,6 +105,7 @@ def get_engine(model: str, settings: EngineSettings = EngineSettings(), adapters
     if engine is not None:
         _attach(engine, adapters)
         return engine
+    began = time.perf_counter()
     try:
         engine = _start(kind, model, settings, adapters)
     except CaiError as exc:
@@ -110,6 +115,7 @@ def get_engine(model: str, settings: EngineSettings = EngineSettings(), adapters
         _FELL_BACK.add(key)
         return get_engine(model, dataclasses.replace(settings, kind="hf"), adapters)
     _ENGINES[key] = engine
+    engine_starts.append({"kind": kind, "model": model, "seconds": time.perf_counter() - began})
     return engine
 
 
@@ -162,6 +168,7 @@ def _start(kind: str, model: str, settings: EngineSettings, adapters: dict[str, 
             max_lora_rank=settings.max_lora_rank,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             kv_cache_gib=settings.kv_cache_gib,
+            merge_adapters=settings.merge_adapters,
         )
     from cai.engines.openai_engine import OpenAIEngine
 

@@ -63,6 +63,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: list[int]
     finish_reasons: list[str] = field(default_factory=list)  # "stop" or "length" per text
+    cached_tokens: int = 0  # of prompt_tokens, how many the engine served from its prefix cache
 
 
 @dataclass
@@ -73,6 +74,8 @@ class ChoiceScores:
 
     probs: list[list[float]]
     mass: list[float]
+    prompt_tokens: list[int] = field(default_factory=list)  # per prompt, where the engine reports them
+    cached_tokens: list[int] = field(default_factory=list)  # per prompt: of those, served from the prefix cache
 
 
 class Engine(Protocol):

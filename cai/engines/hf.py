@@ -203,6 +203,7 @@ class HFEngine:
         texts = [self.render(p) for p in prompts]
         probs: list[list[float] | None] = [None] * len(texts)
         mass: list[float] = [0.0] * len(texts)
+        lengths: list[int] = [0] * len(texts)  # prompt tokens (no prefix cache here: none are cached)
         token_ids = choice_token_ids(self.tokenizer, texts[0], choices) if texts else []
         for indices in self._length_sorted_batches(texts):
             encoded = self.tokenizer(
@@ -210,9 +211,10 @@ class HFEngine:
             ).to(self.device)
             logits = self.lm(**encoded).logits[:, -1, :].float()
             logprobs = torch.log_softmax(logits, dim=-1)[:, token_ids].tolist()
-            for index, row in zip(indices, logprobs):
+            for index, row, length in zip(indices, logprobs, encoded["attention_mask"].sum(dim=1).tolist()):
                 probs[index], mass[index] = normalise([lp if math.isfinite(lp) else -math.inf for lp in row])
-        return ChoiceScores(probs=probs, mass=mass)  # type: ignore[arg-type]
+                lengths[index] = int(length)
+        return ChoiceScores(probs=probs, mass=mass, prompt_tokens=lengths, cached_tokens=[0] * len(texts))  # type: ignore[arg-type]
 
     def close(self) -> None:
         del self.lm

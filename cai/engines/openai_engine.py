@@ -148,8 +148,8 @@ class OpenAIEngine:
                              max_tokens=sampling.max_tokens, seed=seed, stop=list(sampling.stop) or None)
                   for p, seed in zip(prompts, seeds)]
         chat = self.tokenizer is None
-        parts = self._run(bodies, lambda data: generation_parts(data, chat=chat, n=sampling.n))
-        return [self._generation(p, sampling) for p in parts]
+        parts = self._run(bodies, lambda data: (generation_parts(data, chat=chat, n=sampling.n), usage_counts(data)[1]))
+        return [self._generation(p, sampling, cached) for p, cached in parts]
 
     def score_choices(
         self, prompts: Sequence[ChatPrompt], choices: Sequence[str], adapter: str | None = None
@@ -160,12 +160,15 @@ class OpenAIEngine:
             extra = {"logprobs": True, "top_logprobs": 20}
         match_choices({}, choices)  # choices that cannot be told apart fail before any request
         bodies = [self._body(p, adapter, max_tokens=1, temperature=0.0, **extra) for p in prompts]
-        probs, mass = [], []
-        for logprobs in self._run(bodies, self._choice_logprobs(choices)):
+        probs, mass, prompt_tokens, cached_tokens = [], [], [], []
+        read = self._choice_logprobs(choices)
+        for logprobs, (prompt_count, cached) in self._run(bodies, lambda data: (read(data), usage_counts(data))):
             p, m = normalise(logprobs)  # max-shifted: the logsumexp'd logprobs are <= ~0, so nothing overflows
             probs.append(p)
             mass.append(min(m, 1.0))  # float32 rounding on the server can sum a hair above 1
-        return ChoiceScores(probs=probs, mass=mass)
+            prompt_tokens.append(prompt_count)
+            cached_tokens.append(cached)
+        return ChoiceScores(probs=probs, mass=mass, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens)
 
     def close(self) -> None:
         pass
@@ -186,7 +189,8 @@ class OpenAIEngine:
             body["_path"] = "/chat/completions"
         return body
 
-    def _generation(self, parts: tuple[list[str], list[str | None], int, int], sampling: SamplingSettings) -> Generation:
+    def _generation(self, parts: tuple[list[str], list[str | None], int, int], sampling: SamplingSettings,
+                    cached_tokens: int = 0) -> Generation:
         """A Generation from `generation_parts` of a reply already checked for shape and types."""
         raw_texts, raw_reasons, prompt_tokens, completion_tokens = parts
         texts, reasons = [], []
@@ -198,7 +202,7 @@ class OpenAIEngine:
             counts = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         else:  # the server reports one total for all n completions
             counts = [completion_tokens // max(1, len(texts))] * len(texts)
-        return Generation(texts, prompt_tokens, counts, reasons)
+        return Generation(texts, prompt_tokens, counts, reasons, cached_tokens=cached_tokens)
 
     def _choice_logprobs(self, choices: Sequence[str]) -> Callable[[dict], list[float]]:
         """The reader of a one-token reply: each choice's log-probability from its top tokens."""
@@ -263,6 +267,21 @@ class OpenAIEngine:
                 log.warning("%s from %s; retry %d in %.1f s", last_problem, shown_base, attempt + 1, delay)
                 await asyncio.sleep(delay)
         raise CaiError(f"{shown} kept failing ({last_problem}) after {self.settings.max_retries} retries")
+
+
+def usage_counts(data: dict) -> tuple[int, int]:
+    """(prompt tokens, of which served from the server's prefix cache) from a reply's `usage`:
+    `usage.prompt_tokens_details.cached_tokens` (OpenAI; `vllm serve --enable-prompt-tokens-details`).
+    Informational only, so a count a server leaves out or sends oddly reads as 0 instead of
+    stopping a run (`generation_parts` checks the counts labels depend on)."""
+
+    def count(where: Any, key: str) -> int:
+        value = where.get(key) if isinstance(where, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    usage = data.get("usage")
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    return count(usage, "prompt_tokens"), count(details, "cached_tokens")
 
 
 def _reply(response: httpx.Response, shown_url: str) -> dict:
