@@ -52,6 +52,8 @@ def from_dict(cls, data: Any, path: list | None = None, base: Any = None):
         raise ConfigError(f"missing required key '{missing[0]}'", path)
     try:
         return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except ConfigError as exc:  # from the class's own checks, with a path under this section
+        raise ConfigError(exc.message, path + list(exc.path)) from None
     except CaiError as exc:
         raise ConfigError(str(exc).split(": ", 1)[-1] if exc.field else str(exc), path + ([exc.field.split(".")[-1]] if exc.field else [])) from None
     except (TypeError, ValueError) as exc:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from cai import runtime, store
+from cai import runtime, store, trl_args
 from cai.durable import request_seed
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
 from cai.errors import CaiError
@@ -75,7 +75,7 @@ def train_online(
     sft_adapter: str | None = None,
 ) -> dict:
     import datasets
-    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
 
     out_dir = Path(out_dir)
     train = settings.train
@@ -83,14 +83,14 @@ def train_online(
     model, tokenizer, lora = load_policy(model_name, train, device, adapter=sft_adapter)
     tokenizer.padding_side = "left"
     dataset = datasets.Dataset.from_list([{"prompt": list(p.messages)} for p in prompts])
-    config_class, trainer_class = (GRPOConfig, GRPOTrainer) if method == "grpo" else (RLOOConfig, RLOOTrainer)
-    config = config_class(
+    trainer_class = GRPOTrainer if method == "grpo" else RLOOTrainer
+    config = trl_args.build(method, dict(
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
         temperature=settings.temperature,
         beta=settings.beta,
         **runtime.trainer_arguments(train, out_dir, device),
-    )
+    ), train.trl)
     trainer = trainer_class(model=model, args=config, reward_funcs=[reward_function(scorer)], train_dataset=dataset,
                             processing_class=tokenizer, peft_config=lora)
     meta = {"stage": method, "base_model": model_name, "sft_adapter": sft_adapter, "prompts": len(prompts), "settings": asdict(settings)}

@@ -29,9 +29,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from cai import models, runtime, store
+from cai import models, runtime, store, trl_args
 from cai.errors import CaiError
 from cai.lora import LoraSettings, keep_trainable_fp32, peft_config, prepare_quantized, quantization_config, stack_adapters
 
@@ -49,6 +49,9 @@ class TrainSettings:
     save_steps: int = 50
     threads: int = 0
     trust_remote_code: bool = False
+    # Any other field of the stage's TRL config class (warmup, scheduler, weight decay, optimiser,
+    # report_to, ...), checked against that class when the recipe loads: see cai/trl_args.py.
+    trl: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -152,13 +155,14 @@ def sft_dataset(path: Path):
 
 
 def train_sft(data: str | Path, model_name: str, out_dir: str | Path, settings: TrainSettings = TrainSettings()) -> dict:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     out_dir = Path(out_dir)
     device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads), seed=settings.seed)
     dataset = sft_dataset(Path(data))
     model, tokenizer, lora = load_policy(model_name, settings, device)
-    config = SFTConfig(max_length=settings.max_length, completion_only_loss=True, **runtime.trainer_arguments(settings, out_dir, device))
+    config = trl_args.build("sft", dict(max_length=settings.max_length, completion_only_loss=True,
+                                        **runtime.trainer_arguments(settings, out_dir, device)), settings.trl)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     meta = {"stage": "sft", "base_model": model_name, "rows": len(dataset), "settings": asdict(settings)}
     return _train_and_save(trainer, tokenizer, out_dir, meta, device)
@@ -189,8 +193,6 @@ def dpo_dataset(path: Path, settings: DPOSettings):
 def train_dpo(
     data: str | Path, model_name: str, out_dir: str | Path, settings: DPOSettings = DPOSettings(), *, sft_adapter: str | None = None
 ) -> dict:
-    from trl import DPOConfig
-
     from cai.dpo_soft import SOFT_LOSSES, SoftDPOTrainer
 
     out_dir = Path(out_dir)
@@ -199,12 +201,12 @@ def train_dpo(
     path = Path(data)
     dataset, data_mean_prob = dpo_dataset(path / "train.jsonl" if path.is_dir() else path, settings)
     model, tokenizer, lora = load_policy(model_name, train, device, adapter=sft_adapter)
-    config = DPOConfig(
+    config = trl_args.build("dpo", dict(
         beta=settings.beta,
         loss_type=[settings.loss_type],
         max_length=train.max_length,
         **runtime.trainer_arguments(train, out_dir, device),
-    )
+    ), train.trl)
     # ref_model=None with an adapter: TRL computes reference log-probs with the adapter disabled.
     trainer = SoftDPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     applied = list(trainer.train_dataset["chosen_prob"])  # after TRL's own filtering of over-long prompts

@@ -8,12 +8,12 @@ section, never the whole recipe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from cai import yamlio
-from cai.config import apply_overrides, load_located
+from cai import trl_args, yamlio
+from cai.config import ConfigError, apply_overrides, load_located
 from cai.critique import CritiqueSettings
 from cai.engines import EngineSettings
 from cai.engines.base import SamplingSettings
@@ -168,6 +168,9 @@ class Recipe:
     # transformers engine. auto: merge on CPU, same on GPU. Measured on the 2-core CPU: vLLM LoRA
     # 47-91 tok/s, transformers ~118, merged weights on vLLM as fast as the base (~230).
     adapter_engine: Literal["auto", "same", "merge", "hf"] = "auto"
+    # TRL config fields for every TRL-trained stage whose config class has them (a stage's own
+    # `trl:` wins): e.g. {max_grad_norm: 0.5, report_to: tensorboard}. See cai/trl_args.py.
+    trl: dict[str, Any] = field(default_factory=dict)
     critique: CritiqueStage = field(default_factory=CritiqueStage)
     sft: SFTStage = field(default_factory=SFTStage)
     sample: SampleStage = field(default_factory=SampleStage)
@@ -199,6 +202,35 @@ class Recipe:
                                f"{', '.join(missing) or 'a policy stage'} (add {' and '.join(missing) or 'dpo, ppo, grpo or rloo'})",
                                field="iterations")
 
+        self._check_trl()
+
+    def _check_trl(self) -> None:
+        """Every `trl:` key against the TRL config class it goes to (cai/trl_args.py), before any work."""
+        for stage, (_, where) in trl_args.STAGES.items():
+            settings = _section(self, (stage,) + where)
+            for key, message in trl_args.problems(stage, settings.trl):
+                raise ConfigError(message, [stage, *where, "trl", key])
+        if self.trl:
+            trained = [s for s in trl_args.STAGES if s in self.stages]
+            if not trained:
+                raise ConfigError("no stage of this recipe trains with TRL (sft, rm, dpo, grpo, rloo)", ["trl"])
+            for key in self.trl:
+                fits = [s for s in trained if not trl_args.problems(s, {key: self.trl[key]})]
+                if not fits:
+                    message = trl_args.problems(trained[0], {key: self.trl[key]})[0][1]
+                    raise ConfigError(f"no training stage of this recipe takes it ({', '.join(trained)}): {message}",
+                                      ["trl", key])
+
+    def with_trl_spread(self) -> "Recipe":
+        """The recipe with the top-level `trl:` keys copied into each training stage's own (which win)."""
+        recipe = self
+        for stage, (_, where) in trl_args.STAGES.items():
+            settings = _section(recipe, (stage,) + where)
+            merged = trl_args.spread(self.trl, stage, settings.trl) if stage in self.stages else settings.trl
+            if merged != settings.trl:
+                recipe = _replace_in(recipe, (stage,) + where, replace(settings, trl=merged))
+        return recipe
+
     @property
     def out(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
@@ -212,7 +244,20 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         apply_overrides(document.data, overrides)
     if not isinstance(document.data, dict):
         raise CaiError("a recipe must be a YAML mapping with 'name' and 'stages'", source=str(path))
-    return load_located(Recipe, document)
+    return load_located(Recipe, document).with_trl_spread()
+
+
+def _section(obj, path: tuple[str, ...]):
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+def _replace_in(obj, path: tuple[str, ...], value):
+    """`obj` with the (frozen) dataclass at `path` replaced by `value`."""
+    if not path:
+        return value
+    return replace(obj, **{path[0]: _replace_in(getattr(obj, path[0]), path[1:], value)})
 
 
 def resolve_path(path: str) -> str:

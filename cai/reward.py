@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cai import chat, models, runtime, store
+from cai import chat, models, runtime, store, trl_args
 from cai.errors import CaiError
 from cai.lora import keep_trainable_fp32, peft_config, prepare_quantized, quantization_config
 from cai.policy import TrainSettings
@@ -160,8 +160,6 @@ def train_reward_model(
     *,
     eval_file: str | Path | None = None,
 ) -> dict:
-    from trl import RewardConfig
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads), seed=settings.seed)
@@ -169,12 +167,12 @@ def train_reward_model(
     eval_records = load_preference_file(Path(eval_file)) if eval_file and Path(eval_file).exists() and Path(eval_file).stat().st_size else []
     model, tokenizer = load_reward_backbone(model_name, settings, device)
     Trainer, Collator = _trainer_class()
-    config = RewardConfig(
+    config = trl_args.build("rm", dict(
         per_device_eval_batch_size=settings.batch_size,
         max_length=settings.max_length,
         remove_unused_columns=True,
         **runtime.trainer_arguments(settings, out_dir, device),
-    )
+    ), settings.trl)
     train_dataset, truncation = _dataset(train_records, settings, tokenizer)
     trainer = Trainer(
         model=model,
