@@ -17,9 +17,23 @@ def machine() -> dict:
     info = {"cpu_count": os.cpu_count(), "machine": platform.machine(),
             "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    info.update(cpu_features())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def cpu_features() -> dict:
+    """The CPU's name and the vector extensions that set its matmul speed: the same 2-core machine
+    has been handed out as an AVX512-BF16 host and as an AVX2-only one, ~1.5-2x apart."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return {"cpu": name, "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def peak_memory() -> dict:

