@@ -67,15 +67,20 @@ def field_names(stage: str) -> set[str]:
     return {f.name for f in dataclasses.fields(config_class(stage)) if f.init}
 
 
+def cai_keys(stage: str) -> dict[str, str | None]:
+    """The config fields cai sets itself for `stage`: each with the recipe key that sets it, or None."""
+    train = ".".join((stage,) + STAGES[stage][1])
+    return {**{k: v and f"{train}.{v}" for k, v in OWN_COMMON.items()},
+            **{k: v and f"{stage}.{v}" for k, v in OWN_BY_STAGE[stage].items()}}
+
+
 def problems(stage: str, trl: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(key, message) for every key of `trl` that `stage`'s TRL config cannot take from a recipe."""
     if not trl:
         return []
     found = []
     names = field_names(stage)
-    train = ".".join((stage,) + STAGES[stage][1])
-    own = {**{k: v and f"{train}.{v}" for k, v in OWN_COMMON.items()},
-           **{k: v and f"{stage}.{v}" for k, v in OWN_BY_STAGE[stage].items()}}
+    own = cai_keys(stage)
     for key in trl:
         if key in own:
             where = f"set {own[key]} instead" if own[key] else "cai sets it itself"
@@ -117,6 +122,5 @@ def spread(top: Mapping[str, Any], stage: str, own: Mapping[str, Any]) -> dict:
     stage's own (which win)."""
     if not top:
         return dict(own)
-    names = field_names(stage)
-    skip = {**OWN_COMMON, **OWN_BY_STAGE[stage]}
+    names, skip = field_names(stage), cai_keys(stage)
     return {**{k: v for k, v in top.items() if k in names and k not in skip}, **own}
