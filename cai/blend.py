@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from cai import schema, store
+from cai import cards, schema, store
 from cai.data.importers import load_preferences
 from cai.errors import CaiError
 
@@ -144,6 +144,7 @@ def blend(
                "malformed_skipped": sum(len(rows) for rows in skipped.values()),
                "by": by, "seed": seed, "eval_fraction": eval_fraction}
     store.write_json_atomic(out_dir / "summary.json", summary)
+    cards.write_dataset_card(out_dir, "blend")
     return summary
 
 

@@ -94,7 +94,7 @@ def _convert(annotation, value, path, default: Any = None):
         item = args[0] if args else Any
         items = [_convert(item, v, path + [i]) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple or annotation is tuple else items
-    if origin is dict:
+    if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"must be a mapping, got {_describe(value)}", path)
         key_type, value_type = args or (str, Any)

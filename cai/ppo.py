@@ -49,8 +49,9 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from cai import runtime, store
+from cai import cards, runtime, store, tracking
 from cai.errors import CaiError
+from cai.progress import StageProgress
 from cai.lora import LoraSettings
 from cai.ppo_math import (  # noqa: F401  (re-exported: the math used to live here)
     AdaptiveKL, RunningMoments, entropy, gae, masked_mean, per_token_rewards, policy_loss, response_mask,
@@ -93,6 +94,9 @@ class PPOSettings:
     save_every: int = 20
     seed: int = 0
     threads: int = 0
+    # Experiment trackers, by the names transformers/accelerate use (tensorboard, trackio, wandb,
+    # mlflow, ...); "none" follows the recipe's top-level `trl.report_to`. See cai/tracking.py.
+    report_to: str | tuple[str, ...] = "none"
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -101,6 +105,7 @@ class PPOSettings:
             raise CaiError("must be > 0 when set", field="ppo.score_clip")
         if self.score_scaling not in ("none", "scale", "normalize"):
             raise CaiError("must be none, scale or normalize", field="ppo.score_scaling")
+        tracking.tracker_names(self.report_to)
 
 
 # -- the model ---------------------------------------------------------------------------------------
@@ -139,6 +144,7 @@ class PPOTrainer:
         self.out_dir = Path(out_dir)
         self.reward_fn = reward_fn
         self.prompts = [list(p) for p in prompts]
+        self.card_meta = {"stage": "ppo", "base_model": model_name, "sft_adapter": sft_adapter, "prompts": len(self.prompts)}
         self.device = runtime.apply(runtime.RuntimeSettings(threads=settings.threads), seed=settings.seed)
         lm, self.tokenizer, lora = load_policy(model_name, TrainSettings(lora=settings.lora), self.device,
                                                adapter=sft_adapter, trainable_adapter=sft_adapter is not None)
@@ -353,18 +359,26 @@ class PPOTrainer:
         """Run to `settings.steps`, passing each step's history row to `log` as one JSON line."""
         s = self.settings
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        while self.step < s.steps:
-            batch = [self.prompts[self.rng.randrange(len(self.prompts))] for _ in range(s.batch_size)]
-            row = self.train_step(batch)
-            self.step += 1
-            self.history.append(row)
-            if log:
-                log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-            if self.step % s.save_every == 0 or self.step == s.steps:
-                self.save()
+        trackers = tracking.Trackers(s.report_to, self.out_dir, "ppo", config=asdict(s))
+        try:
+            with StageProgress("ppo", total=s.steps, completed=self.step, unit="steps") as bar:
+                while self.step < s.steps:
+                    batch = [self.prompts[self.rng.randrange(len(self.prompts))] for _ in range(s.batch_size)]
+                    row = self.train_step(batch)
+                    self.step += 1
+                    self.history.append(row)
+                    trackers.log(row, step=self.step)
+                    if log:
+                        log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+                    if self.step % s.save_every == 0 or self.step == s.steps:
+                        self.save()
+                    bar.advance(1, note=f"reward {row['reward']:.3g}, kl {row['kl']:.3g}")
+        finally:
+            trackers.close()
         self._save_adapter(self.out_dir / "adapter")
         torch.save(self.model.value_head.state_dict(), self.out_dir / "value_head.pt")
         store.write_json_atomic(self.out_dir / "metrics.json", {"history": self.history, "settings": asdict(s)})
+        cards.write_model_card(self.out_dir / "adapter", {**self.card_meta, "settings": asdict(s)}, {"history": self.history})
         return self.history
 
 

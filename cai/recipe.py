@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from cai import trl_args, yamlio
+from cai import tracking, trl_args, yamlio
 from cai.config import ConfigError, apply_overrides, load_located
 from cai.critique import CritiqueSettings
 from cai.engines import EngineSettings
@@ -21,18 +21,23 @@ from cai.errors import CaiError
 from cai.eval_harness import HarnessSettings
 from cai.eval_kl import KLSettings
 from cai.eval_probes import RefusalSettings, SycophancySettings, XSTestSettings
+from cai.hub import PushSettings
 from cai.labeling import LabelSettings
 from cai.online import OnlineSettings
 from cai.paths import shipped_dir
 from cai.policy import DPOSettings, TrainSettings
 from cai.ppo import PPOSettings
 from cai.reward import RewardSettings
+from cai.train.distributed import DistributedSettings
+from cai.train.kto import KTOSettings
+from cai.train.online_dpo import OnlineDPOSettings
 
-STAGES = ("critique", "sft", "sample", "label", "blend", "rm", "dpo", "ppo", "grpo", "rloo", "best_of_n", "eval")
-POLICY_STAGES = ("dpo", "ppo", "grpo", "rloo")
+STAGES = ("critique", "sft", "sample", "label", "blend", "rm", "dpo", "kto", "online_dpo", "ppo", "grpo", "rloo",
+          "best_of_n", "eval")
+POLICY_STAGES = ("dpo", "kto", "online_dpo", "ppo", "grpo", "rloo")
 # What `iterations` repeats: fresh samples from the latest policy, their labels, the blend, the
 # reward model, the policy update and its evaluation. Critique and SFT run once.
-ITERATED_STAGES = ("sample", "label", "blend", "rm", "dpo", "ppo", "grpo", "rloo", "best_of_n", "eval")
+ITERATED_STAGES = ("sample", "label", "blend", "rm", "dpo", "kto", "online_dpo", "ppo", "grpo", "rloo", "best_of_n", "eval")
 
 
 def step_name(iteration: int, stage: str) -> str:
@@ -100,6 +105,19 @@ class RMStage:
 @dataclass(frozen=True)
 class DPOStage:
     settings: DPOSettings = field(default_factory=DPOSettings)
+
+
+@dataclass(frozen=True)
+class KTOStage:
+    settings: KTOSettings = field(default_factory=KTOSettings)  # trains on the blend's pairs, unpaired
+
+
+@dataclass(frozen=True)
+class OnlineDPOStage:
+    prompts: list[PromptSource] = field(default_factory=list)
+    # The labeller's feedback model when settings.judge is labeller; default: label.model, else the recipe's model.
+    judge_model: str | None = None
+    settings: OnlineDPOSettings = field(default_factory=OnlineDPOSettings)
 
 
 @dataclass(frozen=True)
@@ -178,11 +196,19 @@ class Recipe:
     blend: BlendStage = field(default_factory=BlendStage)
     rm: RMStage = field(default_factory=RMStage)
     dpo: DPOStage = field(default_factory=DPOStage)
+    kto: KTOStage = field(default_factory=KTOStage)
+    online_dpo: OnlineDPOStage = field(default_factory=OnlineDPOStage)
     ppo: PPOStage = field(default_factory=PPOStage)
     grpo: OnlineStage = field(default_factory=OnlineStage)
     rloo: OnlineStage = field(default_factory=OnlineStage)
     best_of_n: BestOfNStage = field(default_factory=BestOfNStage)
     eval: EvalStage = field(default_factory=EvalStage)
+    # Upload outputs with their cards to the Hugging Face Hub after the run (cai/hub.py), e.g.
+    # {repo_prefix: user/quickstart, outputs: [critique, blend, dpo], private: true}.
+    push: PushSettings = field(default_factory=PushSettings)
+    # Training stages on several processes (one per GPU), each launched by `cai run` itself through
+    # torchrun or accelerate (DeepSpeed/FSDP configs in recipes/): see cai/train/distributed.py.
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
 
     def __post_init__(self) -> None:
         for stage in self.stages:
@@ -199,10 +225,20 @@ class Recipe:
             missing = [s for s in ("sample", "label") if s not in self.stages]
             if missing or not any(s in self.stages for s in POLICY_STAGES):
                 raise CaiError("iterations > 1 repeats sample -> label -> ... -> a policy stage: the recipe needs "
-                               f"{', '.join(missing) or 'a policy stage'} (add {' and '.join(missing) or 'dpo, ppo, grpo or rloo'})",
+                               f"{', '.join(missing) or 'a policy stage'} (add {' and '.join(missing) or ', '.join(POLICY_STAGES)})",
                                field="iterations")
+        for problem in self.push.problems(self.stages):
+            raise ConfigError(problem, ["push", "outputs"])
 
         self._check_trl()
+        config = self.distributed.accelerate_config
+        if config and not Path(resolve_path(config)).is_file():
+            raise ConfigError(f"no accelerate config file '{config}'", ["distributed", "accelerate_config"])
+        if "ppo" in self.stages and self.ppo.settings.report_to == "none" and "report_to" in self.trl:
+            try:  # PPO logs to the run's trackers too (cai/tracking.py): ones accelerate knows
+                tracking.tracker_names(self.trl["report_to"])
+            except CaiError as exc:
+                raise ConfigError(f"PPO logs to the same trackers: {str(exc).split(': ', 1)[1]}", ["trl", "report_to"]) from None
 
     def _check_trl(self) -> None:
         """Every `trl:` key against the TRL config class it goes to (cai/trl_args.py), before any work."""
@@ -213,7 +249,7 @@ class Recipe:
         if self.trl:
             trained = [s for s in trl_args.STAGES if s in self.stages]
             if not trained:
-                raise ConfigError("no stage of this recipe trains with TRL (sft, rm, dpo, grpo, rloo)", ["trl"])
+                raise ConfigError(f"no stage of this recipe trains with TRL ({', '.join(trl_args.STAGES)})", ["trl"])
             for key in self.trl:
                 fits = [s for s in trained if not trl_args.problems(s, {key: self.trl[key]})]
                 if not fits:

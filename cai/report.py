@@ -1,8 +1,13 @@
 """The run report: `report.md` and a self-contained `report.html` with inline SVG figures.
 
-Figures (no plotting library needed; each is a small SVG written here):
-reward distributions of baseline vs policy, win rates with 95% intervals, response length drift,
-and training curves (reward-model loss, policy loss or PPO reward/KL).
+The HTML shows what changed and how far to believe it: the headline table, the evaluation charts
+(`cai.report_plots`: win rates with intervals, harmless and over-refusal rates of baseline and
+policy, reward-model scores, answer lengths), the answers of both models side by side with the
+judges' verdicts and a few critique traces (`cai.report_samples`), the probes of
+`cai.report_eval`, the AI labels' confidence and position consistency, and one figure per
+trained stage, step by step, with its loss in its unit. Charts are matplotlib drawn to inline SVG
+(`cai.report_svg`), deterministic byte for byte. `report.md` keeps the tables and points to the
+HTML for the figures and examples.
 
 The table says how far each number can be trusted: beside every rate the judge produced, its
 accuracy on the labelled calibration checks for that question (rows whose interval reaches down
@@ -18,65 +23,7 @@ import json
 import re
 from pathlib import Path
 
-
-from cai import report_eval
-from cai.report_svg import COLOURS, H, PAD, W, figure as _svg
-
-
-def histogram(title: str, series: dict[str, list[float]], bins: int = 12) -> str:
-    values = [v for vs in series.values() for v in vs]
-    if not values:
-        return ""
-    low, high = min(values), max(values)
-    width = (high - low) / bins or 1.0
-    counts = {name: [0] * bins for name in series}
-    for name, vs in series.items():
-        for v in vs:
-            counts[name][min(bins - 1, int((v - low) / width))] += 1
-    top = max(max(c) for c in counts.values()) or 1
-    bar = (W - 2 * PAD) / bins / len(series)
-    body = ""
-    for s_index, (name, cs) in enumerate(counts.items()):
-        for b, count in enumerate(cs):
-            h = (H - 2 * PAD) * count / top
-            x = PAD + b * bar * len(series) + s_index * bar
-            body += f'<rect x="{x:.1f}" y="{H - PAD - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" fill="{COLOURS[s_index]}"/>'
-        body += f'<text x="{W - PAD - 120}" y="{40 + 16 * s_index}" font-size="12" fill="{COLOURS[s_index]}" font-family="sans-serif">{html.escape(name)}</text>'
-    body += f'<text x="{PAD}" y="{H - 10}" font-size="11" font-family="sans-serif">{low:.2f}</text>'
-    body += f'<text x="{W - PAD}" y="{H - 10}" font-size="11" text-anchor="end" font-family="sans-serif">{high:.2f}</text>'
-    return _svg(title, body)
-
-
-def bars_with_intervals(title: str, items: list[tuple[str, float, tuple[float, float]]]) -> str:
-    if not items:
-        return ""
-    slot = (W - 2 * PAD) / len(items)
-    body = f'<line x1="{PAD}" x2="{W - PAD}" y1="{H - PAD - (H - 2 * PAD) * 0.5:.1f}" y2="{H - PAD - (H - 2 * PAD) * 0.5:.1f}" stroke="#999" stroke-dasharray="4"/>'
-    for index, (label, value, (low, high)) in enumerate(items):
-        x = PAD + index * slot + slot * 0.2
-        h = (H - 2 * PAD) * value
-        body += f'<rect x="{x:.1f}" y="{H - PAD - h:.1f}" width="{slot * 0.6:.1f}" height="{h:.1f}" fill="{COLOURS[index % 4]}"/>'
-        centre = x + slot * 0.3
-        y_low, y_high = H - PAD - (H - 2 * PAD) * low, H - PAD - (H - 2 * PAD) * high
-        body += f'<line x1="{centre:.1f}" x2="{centre:.1f}" y1="{y_low:.1f}" y2="{y_high:.1f}" stroke="black"/>'
-        body += f'<text x="{centre:.1f}" y="{H - PAD + 14}" text-anchor="middle" font-size="11" font-family="sans-serif">{html.escape(label)}</text>'
-        body += f'<text x="{centre:.1f}" y="{H - PAD - h - 4:.1f}" text-anchor="middle" font-size="11" font-family="sans-serif">{value:.2f}</text>'
-    return _svg(title, body)
-
-
-def lines(title: str, series: dict[str, list[float]]) -> str:
-    series = {k: v for k, v in series.items() if v}
-    if not series:
-        return ""
-    body = ""
-    for index, (name, values) in enumerate(series.items()):
-        low, high = min(values), max(values)
-        span = (high - low) or 1.0
-        step = (W - 2 * PAD) / max(1, len(values) - 1)
-        points = " ".join(f"{PAD + i * step:.1f},{H - PAD - (H - 2 * PAD) * (v - low) / span:.1f}" for i, v in enumerate(values))
-        body += f'<polyline fill="none" stroke="{COLOURS[index % 4]}" stroke-width="2" points="{points}"/>'
-        body += f'<text x="{PAD + 8}" y="{40 + 16 * index}" font-size="12" fill="{COLOURS[index % 4]}" font-family="sans-serif">{html.escape(name)} ({low:.3g} to {high:.3g})</text>'
-    return _svg(title, body)
+from cai import report_eval, report_plots, report_samples
 
 
 def _metrics(path: Path) -> dict:
@@ -174,10 +121,15 @@ def iteration_folders(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def eval_folders(out: Path) -> list[tuple[int, Path]]:
+    """Every evaluated checkpoint's folder in order: `eval/` and then `iteration-N/eval/`."""
+    found = [(1, out / "eval")] + [(n, folder / "eval") for n, folder in iteration_folders(out)]
+    return [(n, folder) for n, folder in found if (folder / "metrics.json").exists()]
+
+
 def evaluations(out: Path) -> list[tuple[str, dict]]:
     """Every evaluated checkpoint of the run in order: `eval/` and then `iteration-N/eval/`."""
-    found = [(1, out / "eval" / "metrics.json")] + [(n, folder / "eval" / "metrics.json") for n, folder in iteration_folders(out)]
-    kept = [(n, _metrics(path)) for n, path in found if path.exists()]
+    kept = [(n, _metrics(folder / "metrics.json")) for n, folder in eval_folders(out)]
     if len(kept) == 1:
         return [(kept[0][1].get("policy_stage") or "policy", kept[0][1])]
     return [(f"iteration {n}", metrics) for n, metrics in kept]
@@ -216,46 +168,44 @@ ITERATIONS = ["checkpoint", "win rate (labeller)", "at equal length", "win rate 
               "sycophancy flips", "mean length", "KL"]
 
 
+CSS = ("body{font-family:sans-serif;max-width:1040px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}"
+       "table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}"
+       ".warning{border-left:6px solid #e45756;background:#fdecea;padding:8px 12px;margin:8px 0}"
+       "tr.unreliable td{color:#b00020}figure{margin:1.4em 0}svg.chart{width:100%;height:auto;display:block}"
+       "figcaption{font-weight:bold;margin-top:.3em}figcaption .note{font-weight:normal;color:#555}"
+       "article{border:1px solid #ddd;border-radius:6px;padding:4px 14px 8px;margin:14px 0}"
+       "article h3{font-size:1em;margin:.6em 0 .3em}h4,h5{margin:.5em 0 .25em}h5{font-size:.9em;color:#555}"
+       ".prompt{background:#eef3f9;border-radius:4px;padding:6px 8px;margin:.3em 0}"
+       ".cols{display:grid;grid-template-columns:1fr 1fr;gap:14px}.cols>*{min-width:0}"
+       ".answer{white-space:pre-wrap;overflow-wrap:anywhere;max-height:13em;overflow:auto;background:#f7f7f7;"
+       "border:1px solid #e3e3e3;border-radius:4px;padding:6px 8px;font-size:.9em}"
+       ".verdicts{margin:.3em 0;padding-left:1.2em;font-size:.9em}.pairwise{margin:.4em 0;font-size:.92em}"
+       ".noisy{color:#a15c00;font-style:italic}.same,.kept{font-size:.8em;font-weight:normal;border-radius:3px;"
+       "padding:1px 6px;margin-left:6px}.same{background:#eee;color:#555}.kept{background:#e3f1e3;color:#24613a}"
+       ".request,.flags{font-size:.9em;color:#555;margin:.2em 0}")
+
+
+def _figures(items: list[str]) -> str:
+    return "".join(f for f in items if f)
+
+
 def write_report(out: Path, stages: list[str]) -> Path:
+    """`stages` are the run's step names in order ("sft", "iteration-2/dpo", ...): each trained
+    one gets its step-by-step figure, each label step its confidence and consistency charts."""
     out = Path(out)
     checkpoints = evaluations(out)
     evaluation = checkpoints[-1][1] if checkpoints else {}
-    figures = []
-    if "reward" in evaluation:
-        figures.append(histogram("Reward-model scores: baseline vs policy", {
-            "baseline": evaluation["reward"]["baseline"], "policy": evaluation["reward"]["policy"]}))
-    wins = []
-    for key, label in (("win_rate_reward_model", "RM"), ("win_rate_labeller", "labeller")):
-        for subset in ("all", "red_team", "benign"):
-            entry = evaluation.get(key, {}).get(subset)
-            if entry and entry["rate"] is not None:
-                wins.append((f"{label} {subset}", entry["rate"], tuple(entry["ci95"])))
-    controlled = evaluation.get("win_rate_labeller_length_controlled")
-    if controlled and controlled.get("rate") is not None and controlled.get("ci95"):
-        wins.append(("labeller, equal length", controlled["rate"], tuple(controlled["ci95"])))
-    figures.append(bars_with_intervals("Policy win rate against the baseline (95% CI)", wins))
-    if "mean_length" in evaluation:
-        length = evaluation["mean_length"]
-        top = max(length.values()) or 1
-        figures.append(bars_with_intervals("Mean response length, tokens (scaled to the longer)",
-                                           [(k, v / top, (v / top, v / top)) for k, v in length.items()]))
-    curves = {}
-    for stage in ("rm", "sft", "dpo", "grpo", "rloo"):
-        history = _metrics(out / stage / "metrics.json").get("log_history", [])
-        if history:
-            curves[f"{stage} loss"] = [h["loss"] for h in history if "loss" in h]
-    ppo = _metrics(out / "ppo" / "metrics.json").get("history", [])
-    if ppo:
-        curves["ppo reward"] = [h["reward"] for h in ppo]
-        curves["ppo kl"] = [h["kl"] for h in ppo]
-    figures.append(lines("Training curves", curves))
+    folders = eval_folders(out)
+    eval_dir = folders[-1][1] if folders else out / "eval"
+    evaluated = _figures([report_plots.win_rates(evaluation), report_plots.judged_rates(evaluation),
+                          report_plots.answer_lengths(eval_dir), report_plots.reward_scores(evaluation)])
+    label_folders = [(name, out / name) for name in stages if Path(name).name == "label"]
+    labels = _figures([report_plots.label_confidence(label_folders), report_plots.position_consistency(label_folders)])
+    training = _figures([report_eval.training_signals(out / name, Path(name).name, name)
+                         for name in stages if Path(name).name in report_eval.STEP_SIGNALS])
+    samples = report_samples.answer_pairs(eval_dir, evaluation) if checkpoints else ""
+    traces = "".join(report_samples.critique_traces(out / name) for name in stages if name == "critique")
     hacking_chart, hacking_notes = report_eval.hacking(checkpoints, evaluation.get("policy_stage") or "policy")
-    policy_stage = evaluation.get("policy_stage")
-    if policy_stage:
-        folders = [(out / policy_stage, policy_stage)] + [
-            (folder / policy_stage, f"{folder.name}/{policy_stage}")
-            for _, folder in iteration_folders(out)]
-        hacking_chart += "".join(report_eval.training_signals(folder, policy_stage, name) for folder, name in folders)
     timings = {s: _metrics(out / s / "done.json").get("seconds") for s in stages}
     rows = metric_rows(evaluation) + report_eval.verbosity_rows(evaluation)
     probes = report_eval.probe_rows(evaluation) + report_eval.harness_rows(evaluation)
@@ -273,6 +223,8 @@ def write_report(out: Path, stages: list[str]) -> Path:
     md += [f"> **Warning:** {note}\n" for note in notes]
     main_rows = [(name, value, _ci(ci), check, bad) for name, value, ci, check, bad in rows]
     md += _md_table(MAIN, main_rows)
+    if evaluated or samples or traces or labels or training:
+        md += ["Figures, the two models' answers side by side and the critique traces are in report.html.", ""]
     if probes:
         md += ["## What preference training is known to break", ""] + _md_table(SIDE_BY_SIDE, probes)
     if detectors:
@@ -284,9 +236,10 @@ def write_report(out: Path, stages: list[str]) -> Path:
     if per_iteration:
         md += ["## Iterations", "", ITERATIONS_NOTE, ""] + _md_table(ITERATIONS, per_iteration, flagged=False)
     md += ["| stage | seconds |", "|---|---|"] + [f"| {s} | {t} |" for s, t in timings.items()]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     alerts = "".join(f'<div class="warning" role="alert"><strong>Warning:</strong> {html.escape(note)}</div>' for note in notes)
-    sections = ""
+    sections = f"<h2>Policy against baseline</h2>{evaluated}" if evaluated else ""
+    sections += samples
     if probes:
         sections += "<h2>What preference training is known to break</h2>" + _html_table(SIDE_BY_SIDE, probes)
     if detectors:
@@ -295,14 +248,17 @@ def write_report(out: Path, stages: list[str]) -> Path:
         sections += "<h2>Reward hacking</h2>" + hacking_chart
     if per_iteration:
         sections += f"<h2>Iterations</h2><p>{html.escape(ITERATIONS_NOTE)}</p>" + _html_table(ITERATIONS, per_iteration, flagged=False)
-    timing_rows = "".join(f"<tr><td>{s}</td><td>{t}</td></tr>" for s, t in timings.items())
+    sections += traces
+    if labels:
+        sections += "<h2>AI preference labels</h2>" + labels
+    if training:
+        sections += "<h2>Training, stage by stage</h2>" + training
+    timing_rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{t}</td></tr>" for s, t in timings.items())
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cai report: {html.escape(out.name)}</title>"
-            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
-            "figure{margin:1em 0}.warning{border-left:6px solid #e45756;background:#fdecea;padding:8px 12px;margin:8px 0}"
-            "tr.unreliable td{color:#b00020}</style></head><body>"
+            f"<style>{CSS}</style></head><body>"
             f"<h1>cai run report: {html.escape(out.name)}</h1><p>{html.escape(intro).replace('`', '')}</p>{alerts}"
             f"{_html_table(MAIN, main_rows)}{sections}"
-            f"{''.join(f for f in figures if f)}<h2>Stage times (s)</h2><table>{timing_rows}</table></body></html>")
+            f"<h2>Stage times (s)</h2><table>{timing_rows}</table></body></html>")
     path = out / "report.html"
-    path.write_text(page)
+    path.write_text(page, encoding="utf-8")
     return path

@@ -1,6 +1,8 @@
 """The report's sections on what preference training is known to break, baseline and policy side by
 side: sycophancy, over-refusal (by the refusal detector the report leans on, with both detectors'
-validity), verbosity, reward-hacking signs across checkpoints, iterations, and harness results.
+validity), verbosity, reward-hacking signs across checkpoints, iterations, and harness results;
+and each trained stage step by step (`training_signals`: its loss in its unit, and what it logged
+beside it, each on its own axes).
 
 Each row is (metric, baseline, policy, trust note, unreliable); a value is "rate [low, high] (n)"
 so its interval travels with it. A rate read by a detector that failed its validation is marked
@@ -141,7 +143,7 @@ def hacking(evaluations: list[tuple[str, dict]], policy_stage: str) -> tuple[str
         return "", []
     judge_kind = points[-1].get("judge_kind") or "raw"
     rows = [
-        {"title": "reward-model score, policy - baseline", "unit": "reward, mean of pairs", "reference": 0.0,
+        {"title": "reward-model score, policy - baseline", "unit": "reward", "reference": 0.0,
          "values": [p["reward_delta"] for p in points], "intervals": [p["reward_ci"] for p in points]},
         {"title": f"judge win rate against the baseline ({judge_kind})", "unit": "share of prompts", "reference": 0.5,
          "values": [p["judge_win"] for p in points], "intervals": [p["judge_ci"] for p in points]},
@@ -151,27 +153,45 @@ def hacking(evaluations: list[tuple[str, dict]], policy_stage: str) -> tuple[str
          "values": [p["kl"] for p in points], "intervals": [p["kl_ci"] for p in points]},
     ]
     chart = panels(f"Reward-hacking signs: {policy_stage}, checkpoint by checkpoint", [p["name"] for p in points], rows,
-                   caption="Each point: 95% interval. Hacking looks like the top panel rising while the second stays at 0.5, "
-                           "with length and KL growing.")
+                   x_title="checkpoint", note="Bars: 95% intervals; dashed: no change. Hacking looks like the top panel rising while the second "
+                        "stays at 0.5, with length and KL growing.")
     return chart, flags(points, evaluations[-1][1])
 
 
-# What each trainer logs per step that bears on reward hacking: (log key, panel title, unit).
+# What each trainer logs per step: (log key, panel title, unit). The loss first, then what bears on
+# reward hacking: the reward it chased, KL and length (PPO, GRPO, RLOO), or DPO's implicit reward
+# margin and the chosen/rejected log-probabilities (both falling while the margin grows is DPO's
+# known way of "winning" without preferring the chosen).
 STEP_SIGNALS = {
+    "sft": [("loss", "training loss: next-token cross-entropy", "nats per token"),
+            ("mean_token_accuracy", "next-token accuracy on the revisions", "share of tokens")],
+    "rm": [("loss", "training loss: -log sigmoid(r chosen - r rejected)", "nats per pair"),
+           ("accuracy", "pairs ranked right (chosen scored higher)", "share of pairs"),
+           ("margin", "reward margin, chosen - rejected", "reward")],
+    "dpo": [("loss", "training loss (DPO, on the soft labels)", "nats per pair"),
+            ("rewards/margins", "implicit reward margin, chosen - rejected", "beta x log-ratio"),
+            ("logps/chosen", "log-probability of the chosen answers", "nats"),
+            ("logps/rejected", "log-probability of the rejected answers", "nats")],
     "ppo": [("reward", "reward-model score of the sampled answers", "reward"), ("kl", "KL to the reference", "nats per response"),
+            ("policy_loss", "policy loss (clipped surrogate)", "no unit"), ("value_loss", "value-head loss", "squared error"),
             ("response_length", "answer length", "tokens")],
-    "grpo": [("reward", "reward-model score of the sampled answers", "reward"), ("kl", "KL to the reference", "nats per token"),
-             ("completions/mean_length", "answer length", "tokens")],
-    "dpo": [("rewards/margins", "implicit reward margin, chosen - rejected", "beta x log-ratio"),
-            ("logps/chosen", "log-probability of the chosen answers", "nats"), ("logps/rejected", "log-probability of the rejected answers", "nats")],
+    "grpo": [("loss", "training loss (surrogate)", "no unit"), ("reward", "reward-model score of the sampled answers", "reward"),
+             ("kl", "KL to the reference", "nats per token"), ("completions/mean_length", "answer length", "tokens")],
 }
 STEP_SIGNALS["rloo"] = STEP_SIGNALS["grpo"]
+STEP_SIGNALS["kto"] = [("loss", "training loss (KTO)", "no unit"), ("rewards/margins", "implicit reward, desirable - undesirable",
+                                                                      "beta x log-ratio"),
+                       ("kl", "KL reference point (batch estimate)", "nats per response")]
+STEP_SIGNALS["online_dpo"] = [("loss", "training loss (online DPO, on the judge's soft labels)", "nats per pair"),
+                              ("judge/confidence", "judge's confidence, max(p, 1 - p)", "probability"),
+                              ("rewards/accuracies", "policy's implied preference agrees with the judge", "share of pairs"),
+                              ("kl", "log-ratio to the reference, per sampled answer", "nats per response"),
+                              ("completion_length", "answer length", "tokens")]
 
 
 def training_signals(folder: Path, stage: str, name: str) -> str:
-    """Inside one policy stage, step by step: the reward it chased, KL and length (PPO, GRPO,
-    RLOO), or DPO's implicit reward margin and the chosen/rejected log-probabilities (both
-    falling while the margin grows is DPO's known way of "winning" without preferring the chosen)."""
+    """One trained stage step by step: its loss with its unit, and what it logged beside it
+    (see STEP_SIGNALS), each on its own axis: PPO's reward and KL never share a scale."""
     try:
         data = json.loads((folder / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -182,8 +202,8 @@ def training_signals(folder: Path, stage: str, name: str) -> str:
         values = [h.get(key) for h in history]
         if any(isinstance(v, (int, float)) for v in values):
             rows.append({"title": title, "unit": unit, "values": [v if isinstance(v, (int, float)) else None for v in values]})
-    steps = [str(h.get("step", index + 1)) for index, h in enumerate(history)]
-    return panels(f"Inside {name}: step by step", steps, rows, x_title="training step") if rows else ""
+    steps = [h.get("step", index + 1) for index, h in enumerate(history)]
+    return panels(f"Training: {name}, step by step", steps, rows, x_title="training step") if rows else ""
 
 
 def hacking_rows(evaluations: list[tuple[str, dict]]) -> list[tuple]:

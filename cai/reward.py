@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cai import chat, models, runtime, store, trl_args
+from cai import cards, chat, models, runtime, store, tracking, trl_args
 from cai.errors import CaiError
 from cai.lora import keep_trainable_fp32, peft_config, prepare_quantized, quantization_config
 from cai.policy import TrainSettings
@@ -141,7 +141,7 @@ def load_reward_backbone(model_name: str, settings: RewardSettings, device: str)
     quant = quantization_config(settings.lora.quantization, dtype)
     kwargs = dict(num_labels=1, dtype=dtype, trust_remote_code=settings.trust_remote_code, use_safetensors=True)
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": 0} if device == "cuda" else "cpu")
+        kwargs.update(quantization_config=quant, device_map=runtime.quantized_device_map(device))
     try:
         model = AutoModelForSequenceClassification.from_pretrained(models.resolve(model_name), **kwargs)
     except (OSError, ValueError) as exc:
@@ -174,17 +174,23 @@ def train_reward_model(
         **runtime.trainer_arguments(settings, out_dir, device),
     ), settings.trl)
     train_dataset, truncation = _dataset(train_records, settings, tokenizer)
+    # Eval loss, accuracy and margin on the blend's held-out split during training, when asked
+    # (trl: {eval_strategy: steps, eval_steps: N}); the final `eval` metrics below come either way.
+    eval_dataset = trl_args.eval_split(config, "rm", _dataset(eval_records, settings, tokenizer)[0] if eval_records else None)
     trainer = Trainer(
         model=model,
         args=config,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=Collator(pad_token_id=tokenizer.pad_token_id),
     )
     keep_trainable_fp32(trainer.model)
-    result = trainer.train(resume_from_checkpoint=store.latest_checkpoint(out_dir / "checkpoints"))
+    result = tracking.train(trainer, out_dir, "rm", store.latest_checkpoint(out_dir / "checkpoints"))
     adapter_dir = out_dir / "adapter"
-    model.save_pretrained(adapter_dir)
+    trainer.save_model(str(adapter_dir))  # every rank (ZeRO-3 gathers); only the main one writes
+    if not trainer.is_world_process_zero():
+        return {}
     tokenizer.save_pretrained(adapter_dir)
     (adapter_dir / "cai-reward.json").write_text(json.dumps({"base_model": model_name, "settings": asdict(settings)}, indent=2, default=str))
     if settings.merge:
@@ -196,12 +202,15 @@ def train_reward_model(
         **truncation,
         "train_loss": result.training_loss,
         "steps": result.global_step,
+        "processes": trainer.accelerator.num_processes,
         "log_history": [h for h in trainer.state.log_history if "loss" in h],
+        "eval_history": [h for h in trainer.state.log_history if "eval_loss" in h],
     }
     if eval_records:
         scorer = RewardScorer(model, tokenizer)
         metrics["eval"] = evaluate_reward_model(scorer, eval_records)
     store.write_json_atomic(out_dir / "metrics.json", metrics)
+    cards.write_model_card(adapter_dir, {"stage": "rm", "base_model": model_name, "data": str(train_file), "settings": asdict(settings)}, metrics)
     return metrics
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cai import digests, store
+from cai import digests, hub, progress, store
 from cai.engines.starts import engine_starts
 from cai.errors import CaiError
 from cai.recipe import ITERATED_STAGES, POLICY_STAGES, PromptSource, Recipe, resolve_path, step_name
@@ -95,7 +95,21 @@ class RecipeRunner:
     def run(self, *, from_stage: str | None = None, only: str | None = None) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         with store.RunLock(self.out):
-            return self._run(from_stage, only)
+            # run.log: the runner's lines and every stage's progress, as plain timestamped lines
+            # (`tail -f <output_dir>/run.log`), whether or not stderr is a terminal.
+            progress.set_log_file(self.out / "run.log")
+            shown = self.log
+
+            def log(text: str) -> None:
+                progress.log_line(text)
+                shown(text)
+
+            self.log = log
+            try:
+                return self._run(from_stage, only)
+            finally:
+                self.log = shown
+                progress.set_log_file(None)
 
     def _walk(self, from_stage: str | None, only: str | None):
         """Each step in order as (name, stage, fingerprint, action, why), with `self.iteration`
@@ -164,6 +178,7 @@ class RecipeRunner:
             from cai.report import write_report
 
             write_report(self.out, names)
+        hub.push_run(self, log=self.log)  # the recipe's `push:` section; nothing without push.repo_prefix
         return timings
 
     def _begin(self, stage: str, fingerprint: str) -> None:
@@ -250,11 +265,27 @@ class RecipeRunner:
         return summary
 
     def _sft(self) -> dict:
-        from cai.policy import train_sft
-
         settings = dataclasses.replace(self.recipe.sft.settings, threads=self.recipe.threads, seed=self.recipe.seed)
-        metrics = train_sft(self.stage_dir("critique") / "sft.jsonl", self.recipe.model, self.stage_dir("sft"), settings)
-        return {k: v for k, v in metrics.items() if k != "log_history"}
+        return self._train("cai.policy:train_sft", data=self.stage_dir("critique") / "sft.jsonl", model_name=self.recipe.model,
+                           out_dir=self.stage_dir("sft"), settings=settings)
+
+    def _train(self, target: str, **kwargs) -> dict:
+        """Call a training function (`module:name`) here, or once per process under torchrun or
+        accelerate when the recipe's `distributed` section asks (cai/train/distributed.py)."""
+        from cai.train.distributed import launch, resolve
+
+        distributed = self.recipe.distributed
+        if distributed.enabled:
+            if distributed.accelerate_config:
+                distributed = dataclasses.replace(distributed, accelerate_config=resolve_path(distributed.accelerate_config))
+            metrics = launch(distributed, target, self.log, **kwargs)
+        else:
+            metrics = resolve(target)(**kwargs)
+        return {k: v for k, v in metrics.items() if k not in ("log_history", "eval_history")}
+
+    def _single_process(self, stage: str, why: str) -> None:
+        if self.recipe.distributed.enabled:
+            self.log(f"[{stage}] runs in this one process, not under the launcher: {why}")
 
     def _sample(self) -> dict:
         from cai.sampling import SampleSettings, run_sampling
@@ -301,23 +332,43 @@ class RecipeRunner:
         return summary
 
     def _rm(self) -> dict:
-        from cai.reward import train_reward_model
-
         section = self.recipe.rm
         settings = dataclasses.replace(section.settings, threads=self.recipe.threads, seed=self.recipe.seed)
         blend_dir = self.stage_dir("blend")
-        metrics = train_reward_model(blend_dir / "train.jsonl", section.model or self.recipe.model, self.stage_dir("rm"),
-                                     settings, eval_file=blend_dir / "eval.jsonl")
-        return {k: v for k, v in metrics.items() if k != "log_history"}
+        return self._train("cai.reward:train_reward_model", train_file=blend_dir / "train.jsonl",
+                           model_name=section.model or self.recipe.model, out_dir=self.stage_dir("rm"), settings=settings,
+                           eval_file=blend_dir / "eval.jsonl")
 
     def _dpo(self) -> dict:
-        from cai.policy import train_dpo
-
         train = dataclasses.replace(self.recipe.dpo.settings.train, threads=self.recipe.threads, seed=self.recipe.seed)
         settings = dataclasses.replace(self.recipe.dpo.settings, train=train)
-        metrics = train_dpo(self.stage_dir("blend"), self.recipe.model, self.stage_dir("dpo"), settings,
-                            sft_adapter=self.start_adapter()[1])
-        return {k: v for k, v in metrics.items() if k != "log_history"}
+        return self._train("cai.policy:train_dpo", data=self.stage_dir("blend"), model_name=self.recipe.model,
+                           out_dir=self.stage_dir("dpo"), settings=settings, sft_adapter=self.start_adapter()[1])
+
+    def _kto(self) -> dict:
+        train = dataclasses.replace(self.recipe.kto.settings.train, threads=self.recipe.threads, seed=self.recipe.seed)
+        settings = dataclasses.replace(self.recipe.kto.settings, train=train)
+        return self._train("cai.train.kto:train_kto", data=self.stage_dir("blend"), model_name=self.recipe.model,
+                           out_dir=self.stage_dir("kto"), settings=settings, sft_adapter=self.start_adapter()[1])
+
+    def _online_dpo(self) -> dict:
+        """Online DPO judged by cai's labeller on the feedback model (online_dpo.judge_model, else
+        label.model, else the recipe's model) under the constitution, or by the reward model."""
+        from cai.train.online_dpo import ConstitutionJudge, RewardJudge, train_online_dpo
+
+        self._single_process("online_dpo", "its judge runs on the driver's engine between policy updates")
+        section = self.recipe.online_dpo
+        train = dataclasses.replace(section.settings.train, threads=self.recipe.threads, seed=self.recipe.seed)
+        labeller = dataclasses.replace(section.settings.labeller, seed=self.recipe.seed)
+        settings = dataclasses.replace(section.settings, train=train, labeller=labeller)
+        prompts = _load_prompt_sources(section.prompts, "online_dpo")
+        if settings.judge == "reward_model":
+            judge = RewardJudge(self._scorer())
+        else:
+            judge = ConstitutionJudge(self.engine(section.judge_model or self.recipe.label.model), self.constitution(), labeller)
+        metrics = train_online_dpo(prompts, self.recipe.model, judge, self.stage_dir("online_dpo"), settings,
+                                   sft_adapter=self.start_adapter()[1])
+        return {k: v for k, v in metrics.items() if k not in ("log_history", "eval_history")}
 
     def _scorer(self):
         from cai.reward import RewardScorer
@@ -329,22 +380,25 @@ class RecipeRunner:
     def _ppo(self) -> dict:
         from cai.ppo import PPOTrainer
 
+        self._single_process("ppo", "cai's PPO is a single-process loop")
         section = self.recipe.ppo
         settings = dataclasses.replace(section.settings, threads=self.recipe.threads, seed=self.recipe.seed)
+        if settings.report_to == "none" and self.recipe.trl.get("report_to") not in (None, "none"):
+            settings = dataclasses.replace(settings, report_to=self.recipe.trl["report_to"])  # the run's tracker
         prompts = [list(p.messages) for p in _load_prompt_sources(section.prompts, "ppo")]
         history = PPOTrainer(self.recipe.model, self._scorer().score, prompts, self.stage_dir("ppo"), settings,
                              sft_adapter=self.start_adapter()[1]).train(log=self.log)
         return {"steps": len(history), "first_reward": history[0]["reward"], "last_reward": history[-1]["reward"], "last_kl": history[-1]["kl"]}
 
     def _online(self, method: str) -> dict:
-        from cai.online import train_online
-
         section = getattr(self.recipe, method)
         train = dataclasses.replace(section.settings.train, threads=self.recipe.threads, seed=self.recipe.seed)
         settings = dataclasses.replace(section.settings, train=train)
-        metrics = train_online(_load_prompt_sources(section.prompts, method), self.recipe.model, self._scorer(),
-                               self.stage_dir(method), settings, method=method, sft_adapter=self.start_adapter()[1])
-        return {k: v for k, v in metrics.items() if k != "log_history"}
+        if "rm" not in self.recipe.stages:
+            raise CaiError("this stage needs a reward model: add 'rm' to the stages", field="stages")
+        return self._train("cai.online:train_online", prompts=_load_prompt_sources(section.prompts, method),
+                           model_name=self.recipe.model, scorer=self.stage_dir("rm"), out_dir=self.stage_dir(method),
+                           settings=settings, method=method, sft_adapter=self.start_adapter()[1])
 
     def _grpo(self) -> dict:
         return self._online("grpo")
@@ -394,7 +448,7 @@ class RecipeRunner:
         policy = self.adapter(policy_stage) if policy_stage else None
         baseline = self.adapter("sft")
         if policy is None:
-            raise CaiError("eval needs a trained policy: add dpo, ppo, grpo or rloo to the stages", field="stages")
+            raise CaiError(f"eval needs a trained policy: add one of {', '.join(POLICY_STAGES)} to the stages", field="stages")
         judge_model = section.judge_model or self.recipe.model
         shared = self.recipe.engine
         served = getattr(shared.openai, "served_model", None) or getattr(shared.openai, "tokenizer", None)

@@ -101,6 +101,14 @@ def trainer_arguments(settings, out_dir, device: Device) -> dict:
     )
 
 
+def quantized_device_map(device: Device) -> dict | str:
+    """Where a 4-bit/8-bit model is placed: this process's own GPU (LOCAL_RANK under torchrun or
+    accelerate, 0 alone), or the CPU. bitsandbytes weights cannot be moved after loading."""
+    if device == "cuda":
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return "cpu"
+
+
 def model_dtype(device: Device) -> torch.dtype:
     """fp32 on CPU: bf16 ran 5x slower there and drifted from greedy fp32 output."""
     if device == "cpu":

@@ -45,9 +45,9 @@ STAGE_MARKERS = ("stage.json", "done.json")  # what `cai run` writes in each sta
 CAI_NAMES = frozenset({
     MANIFEST, "stage.json", "done.json", "summary.json", "metrics.json", "report.md", "report.html",
     "work", "trace.jsonl", "sft.jsonl", "preferences.jsonl", "responses.jsonl", "train.jsonl", "eval.jsonl",
-    "best_of_n.jsonl", "hf", "labels",
+    "best_of_n.jsonl", "hf", "labels", "README.md",
     "checkpoints", "checkpoint", "checkpoint.tmp", "adapter", "stage_adapter", "merged", "value_head.pt",
-    "kl_samples.json", "calibration_labels",
+    "kl_samples.json", "calibration_labels", "run.log", "tracking",
 })
 CAI_PATTERNS = ("answers-*.json", "harness-*.json", ".*.tmp-*")
 

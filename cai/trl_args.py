@@ -9,8 +9,8 @@
     cai run recipe.yaml --set dpo.settings.train.trl.lr_scheduler_type=constant --set trl.logging_steps=5
 
 cai's own settings cover what every stage needs (learning rate, steps, batch, checkpoints); the
-rest of TRL's config classes (SFTConfig, RewardConfig, DPOConfig, GRPOConfig, RLOOConfig: the
-versions installed) is reachable here. Why checked against the class, at recipe load: a
+rest of TRL's config classes (SFTConfig, RewardConfig, DPOConfig, KTOConfig, GRPOConfig, RLOOConfig:
+the versions installed; for online DPO, cai's own loop, transformers' TrainingArguments) is reachable here. Why checked against the class, at recipe load: a
 misspelt key handed to TRL would stop the run with a TypeError after the earlier stages ran,
 and a key that cai also sets would silently fight the recipe's own field. So a key must be a
 field of the stage's config class, must not be one that cai derives from its own settings
@@ -34,6 +34,9 @@ STAGES = {
     "sft": ("SFTConfig", ("settings",)),
     "rm": ("RewardConfig", ("settings",)),
     "dpo": ("DPOConfig", ("settings", "train")),
+    "kto": ("KTOConfig", ("settings", "train")),
+    # cai's own loop on transformers' Trainer (TRL's OnlineDPOTrainer takes no pairwise judge or soft label)
+    "online_dpo": ("cai.train.online_dpo_trainer:OnlineDPOArguments", ("settings", "train")),
     "grpo": ("GRPOConfig", ("settings", "train")),
     "rloo": ("RLOOConfig", ("settings", "train")),
 }
@@ -53,14 +56,19 @@ OWN_BY_STAGE = {  # paths under the stage's section
     "sft": {"max_length": "settings.max_length", "completion_only_loss": None},
     "rm": {"max_length": "settings.max_length", "remove_unused_columns": None},
     "dpo": {"max_length": "settings.train.max_length", "beta": "settings.beta", "loss_type": "settings.loss_type"},
+    "kto": {"max_length": "settings.train.max_length", "beta": "settings.beta", "loss_type": "settings.loss_type",
+            "desirable_weight": "settings.desirable_weight", "undesirable_weight": "settings.undesirable_weight"},
+    "online_dpo": {"remove_unused_columns": None},
     **{stage: {"num_generations": "settings.num_generations", "max_completion_length": "settings.max_completion_length",
-               "temperature": "settings.temperature", "beta": "settings.beta"} for stage in ("grpo", "rloo")},
+               "temperature": "settings.temperature", "beta": "settings.beta", "use_vllm": "settings.rollouts"}
+       for stage in ("grpo", "rloo")},
 }
 
 
 def config_class(stage: str):
-    name, _ = STAGES[stage]
-    return getattr(importlib.import_module("trl"), name)
+    """The stage's config class: a TRL one by name, or "module:Class" for one of cai's own."""
+    module, _, name = STAGES[stage][0].rpartition(":")
+    return getattr(importlib.import_module(module or "trl"), name)
 
 
 def field_names(stage: str) -> set[str]:
@@ -103,7 +111,7 @@ def _probe(stage: str, trl: Mapping[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="cai-trl-probe-") as folder:
         import torch
 
-        config_class(stage)(output_dir=folder, report_to="none", **{"use_cpu": not torch.cuda.is_available(), **trl})
+        config_class(stage)(**{"output_dir": folder, "report_to": "none", "use_cpu": not torch.cuda.is_available(), **trl})
 
 
 def _trl_version() -> str:
@@ -124,3 +132,20 @@ def spread(top: Mapping[str, Any], stage: str, own: Mapping[str, Any]) -> dict:
         return dict(own)
     names, skip = field_names(stage), cai_keys(stage)
     return {**{k: v for k, v in top.items() if k in names and k not in skip}, **own}
+
+
+def wants_eval(config) -> bool:
+    """True when the built TRL config asks for evaluation during training (`trl.eval_strategy`)."""
+    strategy = getattr(config, "eval_strategy", "no")
+    return str(getattr(strategy, "value", strategy)) != "no"
+
+
+def eval_split(config, stage: str, rows):
+    """The held-out rows to evaluate on when the config asks for evaluation, else None; asking
+    without held-out data stops with the setting to change."""
+    if not wants_eval(config):
+        return None
+    if rows is None or len(rows) == 0:
+        raise CaiError("asks for evaluation during training but there is no held-out split: set blend.eval_fraction "
+                       "above 0 (or drop eval_strategy)", field=f"{stage}.trl.eval_strategy")
+    return rows

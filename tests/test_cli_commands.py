@@ -192,6 +192,7 @@ BAD = {
     "constitution show": ["constitution", "show", "{invalid}"],
     "constitution import": ["constitution", "import", "{invalid}", "-o", "{out}/x.yaml"],
     "ask": ["ask", "hi", "--model", "{missing}"],
+    "push": ["push", "{missing}", "me/x"],
     "sft --set": ["sft", "--data", "{sft}", "--out", "{out}", "--set", "no_such_key=1"],
 }
 

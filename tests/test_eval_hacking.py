@@ -1,6 +1,7 @@
 """Reward-hacking signs: the trajectory over checkpoints, the warnings, and their place in the report."""
 
 import json
+import re
 
 from cai.eval_hacking import flags, trajectory
 from cai.report import write_report
@@ -70,11 +71,11 @@ def test_the_report_draws_the_signs_per_checkpoint_and_warns(tmp_path):
     page = write_report(tmp_path, ["eval", "iteration-2/eval"]).read_text()
     chart = page[page.index("<h2>Reward hacking</h2>"):]
     chart = chart[: chart.index("</figure>")]
-    for label in ("start", "iteration 1", "iteration 2", "reward-model score, policy - baseline"):
-        assert f">{label}" in chart
-    for unit in ("(nats per response)", "(tokens)", "(share of prompts)"):
-        assert unit in chart
-    assert chart.count("<circle") == 4 * 3  # four signals at three checkpoints
+    for label in ("start", "iteration 1", "iteration 2"):  # the shared checkpoint axis, labelled once
+        assert chart.count(f">{label}</text>") == 1
+    for text in ("nats per response", "tokens", "share of prompts", "reward-model score, policy - baseline"):  # units, titles
+        assert f">{text}</text>" in chart
+    assert len(re.findall(r'id="f[0-9a-f]+-axes_\d+"', chart)) == 4  # four signals, each on its own axes
     markdown = (tmp_path / "report.md").read_text()
     assert "> **Warning:** Reward hacking sign: the reward model scores the policy +0.8" in markdown
     assert "| iteration 1 |" in markdown and "| iteration 2 |" in markdown
@@ -89,12 +90,13 @@ def test_the_report_shows_each_policy_stage_step_by_step(tmp_path):
                for s in range(1, 31)]
     (tmp_path / "dpo" / "metrics.json").write_text(json.dumps({"log_history": history}))
     chart = training_signals(tmp_path / "dpo", "dpo", "dpo")
-    assert chart.count("<polyline") == 3 and "implicit reward margin" in chart and chart.count("<circle") == 90
-    assert ">training step</text>" in chart and ">30</text>" in chart
-    assert chart.count('text-anchor="middle" font-size="11"') == 11  # x ticks thinned to every 3rd step, and the last
+    panels = len(re.findall(r'id="f[0-9a-f]+-axes_\d+"', chart))
+    assert panels == 4 and ">training loss (DPO, on the soft labels)</text>" in chart and ">implicit reward margin, chosen - rejected</text>" in chart
+    assert ">training step</text>" in chart and ">28</text>" in chart  # a numeric step axis over all 30 steps
+    assert len(re.findall(r'-xtick_\d+"', chart)) <= 11 * panels  # x ticks thinned, not one per step
     (tmp_path / "ppo").mkdir()
     rows = [{"step": s, "reward": 0.1 * s, "kl": 0.05 * s, "response_length": 40 + s} for s in range(1, 5)]
     (tmp_path / "ppo" / "metrics.json").write_text(json.dumps({"history": rows}))
     chart = training_signals(tmp_path / "ppo", "ppo", "ppo")
-    assert chart.count("<polyline") == 3 and "(nats per response)" in chart and "(tokens)" in chart
+    assert len(re.findall(r'id="f[0-9a-f]+-axes_\d+"', chart)) == 3 and ">nats per response</text>" in chart and ">tokens</text>" in chart
     assert training_signals(tmp_path / "missing", "dpo", "dpo") == ""

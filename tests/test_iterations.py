@@ -69,6 +69,11 @@ def test_two_iterations_each_start_from_the_last_policy(tiny_causal_lm_dir, tmp_
     iterated = ["sample", "label", "blend", "rm", "dpo", "eval"]
     assert list(timings) == ["critique", "sft", *iterated, *(f"iteration-2/{s}" for s in iterated)]
     out = tmp_path / "run"
+    # run.log: the runner's lines and each stage's progress, as plain timestamped lines.
+    run_log = (out / "run.log").read_text()
+    for line in ("[critique] running ->", "sft: started at 0/", "dpo: 1/", "[iteration-2/dpo] done in", "label/logprob: "):
+        assert line in run_log, line
+    assert "\x1b" not in run_log and "\r" not in run_log
     first_policy, second_policy = out / "dpo" / "adapter", out / "iteration-2" / "dpo" / "adapter"
     # Iteration 2 samples from iteration 1's policy (not the SFT model) with a seed of its own ...
     first_rows = [json.loads(line) for line in (out / "sample" / "responses.jsonl").read_text().splitlines()]

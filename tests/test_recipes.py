@@ -19,7 +19,11 @@ def test_every_recipe_file_loads(path):
         from accelerate.commands.config.config_args import ClusterConfig
 
         config = ClusterConfig.from_yaml_file(str(path))
-        assert config.deepspeed_config["zero_stage"] == 2
+        kind = path.stem.removeprefix("accelerate-")
+        if kind.startswith("zero"):
+            assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == int(kind[-1])
+        else:
+            assert kind == "fsdp" and config.distributed_type == "FSDP" and config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
         return
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe) and recipe.stages and recipe.name == path.stem

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from cai.cli import setup, data, train  # noqa: F401,I001  (registers the subcommands, in help order)
+from cai.cli import setup, data, train, hub  # noqa: F401,I001  (registers the subcommands, in help order)
 from cai.cli.common import app
 from cai.errors import CaiError
 

@@ -166,6 +166,7 @@ def label_eval(
     import json
     from pathlib import Path
 
+    from cai.cards import write_dataset_card
     from cai.constitution import load_constitution
     from cai.data.importers import load_preferences
     from cai.labeling import LabelRun, agreement_with_humans, human_eval_pairs
@@ -180,6 +181,7 @@ def label_eval(
     run.run()
     metrics = {"human_file": human, "model": model, "mode": mode, **agreement_with_humans(run.records(), human_first)}
     write_json_atomic(Path(out) / "metrics.json", metrics)
+    write_dataset_card(out, "label", run.constitution)  # again, with the agreement figures
     print(json.dumps(metrics, indent=2))
 
 

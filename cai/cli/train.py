@@ -1,4 +1,4 @@
-"""`cai train-rm`, `sft`, `dpo`, `ppo`, `grpo`, `rloo`, `best-of-n`, `run` and `eval`."""
+"""`cai train-rm`, `sft`, `dpo`, `kto`, `online-dpo`, `ppo`, `grpo`, `rloo`, `best-of-n`, `run` and `eval`."""
 
 from __future__ import annotations
 
@@ -87,6 +87,66 @@ def dpo(
     from cai.policy import DPOSettings, train_dpo
 
     metrics = train_dpo(data, model, out, _settings(DPOSettings, set, "dpo"), sft_adapter=_adapter_dir(sft_adapter, "--sft"))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
+
+
+@app.command()
+def kto(
+    data: str = typer.Option(..., help="A blend directory (its train.jsonl) or a preference file: each pair gives a "
+                                       "desirable (chosen) and an undesirable (rejected) answer."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Policy base model: builtin name, folder or hub id."),
+    out: str = typer.Option(..., help="Output directory (adapter/, metrics.json, checkpoints/)."),
+    sft_adapter: Optional[str] = typer.Option(None, "--sft", help="SFT adapter folder to start from (also the reference)."),
+    set: list[str] = typer.Option([], "--set", help=SET_HELP + " (KTO: beta, min_chosen_prob, low_confidence=drop|keep, "
+                                  "desirable_weight, train.max_steps, ...)"),
+) -> None:
+    """KTO on AI labels, LoRA/QLoRA; pairs below min_chosen_prob are dropped (or kept: --set low_confidence=keep)."""
+    from cai.train.kto import KTOSettings, train_kto
+
+    metrics = train_kto(data, model, out, _settings(KTOSettings, set, "kto"), sft_adapter=_adapter_dir(sft_adapter, "--sft"))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
+
+
+@app.command("online-dpo")
+def online_dpo(
+    prompts: str = typer.Option(..., help="Prompts the policy answers (JSONL/CSV file or dataset), two answers each per step."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Policy base model: builtin name, folder or hub id."),
+    out: str = typer.Option(..., help="Output directory (adapter/, metrics.json, work/judged.jsonl, checkpoints/)."),
+    sft_adapter: Optional[str] = typer.Option(None, "--sft", help="SFT adapter folder to start from (also the reference)."),
+    constitution: str = typer.Option("constitutions/harmless.yaml", help="Constitution whose preference principles the "
+                                     "labeller judges by."),
+    judge_model: Optional[str] = typer.Option(None, help="Feedback model the labeller reads (default: --model, the base)."),
+    reward: Optional[str] = typer.Option(None, help="Reward model folder from `cai train-rm`: it judges instead of the "
+                                         "labeller (p = sigmoid of the reward difference)."),
+    engine: str = typer.Option("auto", help="Engine for the feedback model: auto, vllm or hf."),
+    threads: int = typer.Option(0, help="CPU threads for training and the feedback engine (0: all cores)."),
+    set: list[str] = typer.Option([], "--set", help=SET_HELP + " (online DPO: beta, labels=soft|hard, "
+                                  "labeller.principles_per_pair, max_completion_length, train.max_steps, ...)"),
+) -> None:
+    """Online DPO: the policy samples two answers per prompt, cai's constitution labeller (or --reward) judges, a soft-label DPO step follows."""
+    import dataclasses
+
+    from cai.prompt_sets import load_prompts
+    from cai.train.online_dpo import ConstitutionJudge, OnlineDPOSettings, RewardJudge, train_online_dpo
+
+    settings = _settings(OnlineDPOSettings, set, "online_dpo")
+    settings = dataclasses.replace(settings, train=dataclasses.replace(settings.train, threads=threads or settings.train.threads),
+                                   judge="reward_model" if reward else settings.judge)
+    if settings.judge == "reward_model" and not reward:
+        raise CaiError("judge reward_model needs --reward (a folder from `cai train-rm`)", field="--reward")
+    loaded = load_prompts(prompts)
+    start = _adapter_dir(sft_adapter, "--sft")
+    if reward:
+        from cai.reward import RewardScorer
+
+        judge = RewardJudge(RewardScorer.load(reward, threads=threads))
+    else:
+        from cai.constitution import load_constitution
+        from cai.recipe import resolve_path
+
+        loaded_constitution = load_constitution(resolve_path(constitution))  # inputs first, then the engine
+        judge = ConstitutionJudge(_engine_for(judge_model or model, engine, threads), loaded_constitution, settings.labeller)
+    metrics = train_online_dpo(loaded, model, judge, out, settings, sft_adapter=start)
     print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
 
 
