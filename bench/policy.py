@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cai.lora import LoraSettings
-    from cai.policy import DPOSettings, TrainSettings, train_dpo, train_sft
+    from cai.train.policy import DPOSettings, TrainSettings, train_dpo, train_sft
     from cai.prompt_sets import Prompt
 
     lora = LoraSettings(r=16, alpha=32, quantization=args.quantization)
@@ -71,7 +71,7 @@ def main() -> None:
                                f"sampling {sum(h['seconds/sample'] for h in history) / len(history):.2f} s, "
                                f"judging {sum(h['seconds/judge'] for h in history) / len(history):.2f} s")
         else:
-            from cai.reward import RewardScorer
+            from cai.train.reward import RewardScorer
             from transformers import AutoModelForSequenceClassification
 
             from cai import models
@@ -83,7 +83,7 @@ def main() -> None:
             scorer = RewardScorer(rm, tokenizer)
             prompts = [Prompt(id=str(i), messages=({"role": "user", "content": f"Question {i}?"},)) for i in range(16)]
             if args.task == "ppo":
-                from cai.ppo import PPOSettings, PPOTrainer
+                from cai.train.ppo import PPOSettings, PPOTrainer
 
                 settings = PPOSettings(steps=args.steps, batch_size=4, mini_batch_size=2, max_new_tokens=32, lora=lora, save_every=10_000)
                 history = PPOTrainer(args.model, scorer.score, [list(p.messages) for p in prompts], tmp / "out", settings).train(log=None)
@@ -91,7 +91,7 @@ def main() -> None:
                 seconds = sum(h["seconds"] for h in steady) / len(steady)
                 metrics = {"steps": len(history), "note": "4 prompts x 32 new tokens per rollout, 2 PPO epochs"}
             else:
-                from cai.online import OnlineSettings, train_online
+                from cai.train.online import OnlineSettings, train_online
 
                 settings = OnlineSettings(train=train, num_generations=min(4, args.batch_size), max_completion_length=32)
                 metrics = train_online(prompts, args.model, scorer, tmp / "out", settings, method=args.task)

@@ -24,7 +24,7 @@ seconds, engine starts included, when those are unknown: `fraction_of` says whic
   work log give the mean prompt length.
 - sft, dpo: the tokens TRL counted (metrics.json `num_tokens`: non-padding tokens of every
   sequence, DPO's chosen and rejected both) over `train_seconds`; rm: blend/train.jsonl tokenised
-  the way cai.reward does (both sides, less `truncated_tokens`) over its work seconds (rm reports
+  the way cai.train.reward does (both sides, less `truncated_tokens`) over its work seconds (rm reports
   no train_seconds, so model loading and eval scoring count against it).
 - blend, eval: time only (eval's summary counts no tokens).
 Totals: wall (a timed run only), sum of stages, engine starts. With --label the result is stored
@@ -167,14 +167,14 @@ def _trl_tokens(folder: Path) -> tuple[float | None, float]:
 
 
 def reward_tokens(run_dir: Path, model: str, truncated: int) -> int | None:
-    """Tokens the reward model trained on: blend/train.jsonl as cai.reward tokenises it."""
+    """Tokens the reward model trained on: blend/train.jsonl as cai.train.reward tokenises it."""
     data = run_dir / "blend" / "train.jsonl"
     if not data.exists():
         return None
     from transformers import AutoTokenizer
 
     from cai import models
-    from cai.reward import load_preference_file, reward_text
+    from cai.train.reward import load_preference_file, reward_text
 
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(model))
     total = sum(len(tokenizer(reward_text(tokenizer, r["prompt"], side[0]["content"]), add_special_tokens=False)["input_ids"])

@@ -32,9 +32,9 @@ def main() -> None:
 
     from transformers import TrainerCallback
 
-    from cai import reward
+    from cai.train import reward
     from cai.lora import LoraSettings
-    from cai.reward import RewardSettings
+    from cai.train.reward import RewardSettings
 
     words = " ".join(["word"] * args.seq_len)
     rows = [{"id": str(i), "prompt": [{"role": "user", "content": f"Question {i}"}],

@@ -12,7 +12,7 @@ Where progress goes:
 - the run log (`set_log_file`, which `cai run` points at `<output_dir>/run.log`): the same plain
   lines, whatever stderr is, so a run started in a terminal can still be followed with `tail -f`.
 
-Training stages get theirs through `cai.tracking.TrainingProgress`, a transformers callback.
+Training stages get theirs through `cai.train.tracking.TrainingProgress`, a transformers callback.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from cai import tracking, trl_args, yamlio
+from cai import trl_args, yamlio
+from cai.train import tracking
 from cai.config import ConfigError, apply_overrides, load_located
 from cai.critique import CritiqueSettings
 from cai.engines import EngineSettings
@@ -23,11 +24,11 @@ from cai.eval_kl import KLSettings
 from cai.eval_probes import RefusalSettings, SycophancySettings, XSTestSettings
 from cai.hub import PushSettings
 from cai.labeling import LabelSettings
-from cai.online import OnlineSettings
+from cai.train.online import OnlineSettings
 from cai.paths import shipped_dir
-from cai.policy import DPOSettings, TrainSettings
-from cai.ppo import PPOSettings
-from cai.reward import RewardSettings
+from cai.train.policy import DPOSettings, TrainSettings
+from cai.train.ppo import PPOSettings
+from cai.train.reward import RewardSettings
 from cai.train.distributed import DistributedSettings
 from cai.train.kto import KTOSettings
 from cai.train.online_dpo import OnlineDPOSettings
@@ -235,7 +236,7 @@ class Recipe:
         if config and not Path(resolve_path(config)).is_file():
             raise ConfigError(f"no accelerate config file '{config}'", ["distributed", "accelerate_config"])
         if "ppo" in self.stages and self.ppo.settings.report_to == "none" and "report_to" in self.trl:
-            try:  # PPO logs to the run's trackers too (cai/tracking.py): ones accelerate knows
+            try:  # PPO logs to the run's trackers too (cai/train/tracking.py): ones accelerate knows
                 tracking.tracker_names(self.trl["report_to"])
             except CaiError as exc:
                 raise ConfigError(f"PPO logs to the same trackers: {str(exc).split(': ', 1)[1]}", ["trl", "report_to"]) from None

@@ -266,7 +266,7 @@ class RecipeRunner:
 
     def _sft(self) -> dict:
         settings = dataclasses.replace(self.recipe.sft.settings, threads=self.recipe.threads, seed=self.recipe.seed)
-        return self._train("cai.policy:train_sft", data=self.stage_dir("critique") / "sft.jsonl", model_name=self.recipe.model,
+        return self._train("cai.train.policy:train_sft", data=self.stage_dir("critique") / "sft.jsonl", model_name=self.recipe.model,
                            out_dir=self.stage_dir("sft"), settings=settings)
 
     def _train(self, target: str, **kwargs) -> dict:
@@ -335,14 +335,14 @@ class RecipeRunner:
         section = self.recipe.rm
         settings = dataclasses.replace(section.settings, threads=self.recipe.threads, seed=self.recipe.seed)
         blend_dir = self.stage_dir("blend")
-        return self._train("cai.reward:train_reward_model", train_file=blend_dir / "train.jsonl",
+        return self._train("cai.train.reward:train_reward_model", train_file=blend_dir / "train.jsonl",
                            model_name=section.model or self.recipe.model, out_dir=self.stage_dir("rm"), settings=settings,
                            eval_file=blend_dir / "eval.jsonl")
 
     def _dpo(self) -> dict:
         train = dataclasses.replace(self.recipe.dpo.settings.train, threads=self.recipe.threads, seed=self.recipe.seed)
         settings = dataclasses.replace(self.recipe.dpo.settings, train=train)
-        return self._train("cai.policy:train_dpo", data=self.stage_dir("blend"), model_name=self.recipe.model,
+        return self._train("cai.train.policy:train_dpo", data=self.stage_dir("blend"), model_name=self.recipe.model,
                            out_dir=self.stage_dir("dpo"), settings=settings, sft_adapter=self.start_adapter()[1])
 
     def _kto(self) -> dict:
@@ -371,14 +371,14 @@ class RecipeRunner:
         return {k: v for k, v in metrics.items() if k not in ("log_history", "eval_history")}
 
     def _scorer(self):
-        from cai.reward import RewardScorer
+        from cai.train.reward import RewardScorer
 
         if "rm" not in self.recipe.stages:
             raise CaiError("this stage needs a reward model: add 'rm' to the stages", field="stages")
         return RewardScorer.load(self.stage_dir("rm"), threads=self.recipe.threads)
 
     def _ppo(self) -> dict:
-        from cai.ppo import PPOTrainer
+        from cai.train.ppo import PPOTrainer
 
         self._single_process("ppo", "cai's PPO is a single-process loop")
         section = self.recipe.ppo
@@ -396,7 +396,7 @@ class RecipeRunner:
         settings = dataclasses.replace(section.settings, train=train)
         if "rm" not in self.recipe.stages:
             raise CaiError("this stage needs a reward model: add 'rm' to the stages", field="stages")
-        return self._train("cai.online:train_online", prompts=_load_prompt_sources(section.prompts, method),
+        return self._train("cai.train.online:train_online", prompts=_load_prompt_sources(section.prompts, method),
                            model_name=self.recipe.model, scorer=self.stage_dir("rm"), out_dir=self.stage_dir(method),
                            settings=settings, method=method, sft_adapter=self.start_adapter()[1])
 
@@ -407,7 +407,7 @@ class RecipeRunner:
         return self._online("rloo")
 
     def _best_of_n(self) -> dict:
-        from cai.online import best_of_n
+        from cai.train.online import best_of_n
 
         section = self.recipe.best_of_n
         name, start = self.start_adapter()

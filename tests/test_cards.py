@@ -178,7 +178,7 @@ def test_blend_card_lists_sources_and_loads_train_and_test(constitution, tmp_pat
 
 def test_sft_adapter_card_is_cais_not_peft(tiny_causal_lm_dir, tmp_path):
     from cai.lora import LoraSettings
-    from cai.policy import TrainSettings, train_sft
+    from cai.train.policy import TrainSettings, train_sft
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say hello {i}"},

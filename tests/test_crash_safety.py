@@ -181,8 +181,8 @@ if kill != "none":
             os.kill(os.getpid(), signal.SIGKILL)
     transformers.Trainer._save_checkpoint = save
 from cai.lora import LoraSettings
-from cai.policy import DPOSettings, TrainSettings, train_dpo, train_sft
-from cai.reward import RewardSettings, train_reward_model
+from cai.train.policy import DPOSettings, TrainSettings, train_dpo, train_sft
+from cai.train.reward import RewardSettings, train_reward_model
 common = dict(lora=LoraSettings(r=4, alpha=8, dropout=0.0), learning_rate=1e-2, batch_size=2, max_steps=6, save_steps=2, max_length=128)
 if kind == "rm":
     train_reward_model(data, model, out, RewardSettings(**common))

@@ -9,7 +9,7 @@ import pytest
 from cai.config import ConfigError
 from cai.errors import CaiError
 from cai.lora import LoraSettings
-from cai.policy import DPOSettings, TrainSettings
+from cai.train.policy import DPOSettings, TrainSettings
 from cai.prompt_sets import Prompt
 from cai.recipe import load_recipe
 from cai.run import RecipeRunner
@@ -101,7 +101,7 @@ def test_two_processes_train_sft_rm_and_dpo_like_one(tiny_causal_lm_dir, tmp_pat
 def test_a_failing_process_stops_the_run_with_one_line(tiny_causal_lm_dir, tmp_path):
     recipe = prepared_run(tmp_path, "bad", tiny_causal_lm_dir, "distributed: {processes: 2}", batch=2)
     (tmp_path / "bad" / "critique" / "sft.jsonl").write_text('{"id": "1", "messages": "not a list"}\n')
-    with pytest.raises(CaiError, match="torchrun launch of cai.policy:train_sft exited with code") as error:
+    with pytest.raises(CaiError, match="torchrun launch of cai.train.policy:train_sft exited with code") as error:
         RecipeRunner(load_recipe(str(recipe), ["stages=[sft]"]), log=lambda line: None).run()
     assert "launch.json" in str(error.value)
     assert not (tmp_path / "bad" / "sft" / "done.json").exists()

@@ -4,7 +4,7 @@ data, an OpenAI-compatible server answering garbage. Each returns normally or ra
 
 - `WorkLog.read` (resume reads it after a kill or a full disk): rows or CaiError, and it never
   removes a complete line, only an unterminated last one;
-- SFT data (`cai.policy.sft_dataset`);
+- SFT data (`cai.train.policy.sft_dataset`);
 - OpenAI replies, through the engine's public `generate`/`score_choices` with a fake transport
   (httpx.MockTransport), so whatever the reply parsing looks like inside, the contract holds.
 
@@ -106,7 +106,7 @@ sft_row = st.one_of(
                b'{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "b"}]}']).via("content types differ")
 @example(rows=[b"[1]"])
 def test_sft_data_reader_only_raises_cai_errors(rows, scratch):
-    from cai.policy import sft_dataset
+    from cai.train.policy import sft_dataset
 
     path = scratch / "sft.jsonl"
     path.write_bytes(b"".join(line.replace(b"\n", b" ") + b"\n" for line in rows))

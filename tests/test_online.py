@@ -6,10 +6,10 @@ from cai.engines.hf import HFEngine
 from cai.engines.base import SamplingSettings
 from cai.errors import CaiError
 from cai.lora import LoraSettings
-from cai.online import OnlineSettings, best_of_n, reward_function, train_online
-from cai.policy import TrainSettings
+from cai.train.online import OnlineSettings, best_of_n, reward_function, train_online
+from cai.train.policy import TrainSettings
 from cai.prompt_sets import Prompt
-from cai.reward import RewardScorer
+from cai.train.reward import RewardScorer
 
 PROMPTS = [Prompt(id=f"p{i}", messages=({"role": "user", "content": f"question {i}"},)) for i in range(4)]
 
@@ -58,7 +58,8 @@ def test_trainable_weights_stay_fp32_on_a_bf16_policy(tiny_causal_lm_dir, scorer
     import torch
     from transformers import TrainerCallback
 
-    from cai import online, runtime
+    from cai import runtime
+    from cai.train import online
 
     monkeypatch.setattr(runtime, "model_dtype", lambda device: torch.bfloat16)
     seen = {}
@@ -146,7 +147,7 @@ def test_recipe_partial_train_section_keeps_grpo_defaults(tiny_causal_lm_dir, tm
 
 
 def test_batch_must_hold_whole_groups_of_generations(tmp_path, monkeypatch, capsys):
-    from cai import online
+    from cai.train import online
     from cai.cli import main
     from cai.recipe import load_recipe
 
@@ -177,7 +178,7 @@ def test_batch_must_hold_whole_groups_of_generations(tmp_path, monkeypatch, caps
 def test_rollouts_default_to_vllm_on_cuda_only(monkeypatch):
     import importlib.util
 
-    from cai.online import rollout_engine
+    from cai.train.online import rollout_engine
 
     assert rollout_engine(OnlineSettings(), "cpu") == "transformers"  # the CPU path is unchanged
     assert rollout_engine(OnlineSettings(), "cuda") == "vllm"

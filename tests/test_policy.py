@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cai.lora import LoraSettings
-from cai.policy import DPOSettings, TrainSettings, train_dpo, train_sft
+from cai.train.policy import DPOSettings, TrainSettings, train_dpo, train_sft
 
 
 def small(**overrides):
@@ -78,8 +78,8 @@ def soft_trainer(model_dir, tmp_path, loss_type="sigmoid", prob=0.7):
     from trl import DPOConfig
 
     from cai import runtime
-    from cai.dpo_soft import SoftDPOTrainer
-    from cai.policy import dpo_dataset, load_policy
+    from cai.train.dpo_soft import SoftDPOTrainer
+    from cai.train.policy import dpo_dataset, load_policy
 
     settings = small(batch_size=4)
     dataset, _ = dpo_dataset(write_pairs(tmp_path / "p.jsonl", n=4, prob=prob), DPOSettings(train=settings))

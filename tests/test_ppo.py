@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import cai.ppo
+import cai.train.ppo
 from cai.lora import LoraSettings
-from cai.ppo import PPOSettings, PPOTrainer
-from cai.ppo_math import (
+from cai.train.ppo import PPOSettings, PPOTrainer
+from cai.train.ppo_math import (
     AdaptiveKL, RunningMoments, gae, masked_mean, per_token_rewards, policy_loss, response_mask, value_loss, whiten,
 )
 
@@ -140,13 +140,13 @@ def sft_adapter_dir(tiny_causal_lm_dir, tmp_path_factory) -> Path:
 
 def _capture_policy_loss(monkeypatch) -> list:
     calls = []
-    real = cai.ppo.policy_loss
+    real = cai.train.ppo.policy_loss
 
     def spy(new, old, advantages, mask, cliprange):
         calls.append({"new": new.detach().clone(), "old": old.clone(), "mask": mask.clone()})
         return real(new, old, advantages, mask, cliprange)
 
-    monkeypatch.setattr(cai.ppo, "policy_loss", spy)
+    monkeypatch.setattr(cai.train.ppo, "policy_loss", spy)
     return calls
 
 
@@ -404,13 +404,13 @@ def test_shaping_is_logged_and_its_running_moments_resume(tiny_causal_lm_dir, tm
         return [float(len(r)) for r in responses]
 
     rewards_seen = []
-    real_gae = cai.ppo.gae
+    real_gae = cai.train.ppo.gae
 
     def spy_gae(rewards, values, mask, *args):
         rewards_seen.append((rewards, mask))
         return real_gae(rewards, values, mask, *args)
 
-    monkeypatch.setattr(cai.ppo, "gae", spy_gae)
+    monkeypatch.setattr(cai.train.ppo, "gae", spy_gae)
     settings = _settings(steps=2, missing_eos_penalty=5.0, score_scaling="scale", whiten_rewards=True, max_new_tokens=3)
     lines = []
     trainer = PPOTrainer(str(tiny_causal_lm_dir), length_reward, PROMPTS, tmp_path, settings)

@@ -138,7 +138,7 @@ def test_miniature_recipe_runs_every_stage_then_skips(tiny_causal_lm_dir, tmp_pa
 
 def test_partial_sections_keep_their_own_defaults(tmp_path):
     """A section given in part keeps the field's own default for the rest, at every depth."""
-    from cai.online import OnlineSettings
+    from cai.train.online import OnlineSettings
 
     path = write(tmp_path / "p.yaml", "name: p\nstages: [critique, grpo]\ncritique:\n  settings: {sampling: {max_tokens: 8}}\n"
                                       "grpo:\n  settings:\n    train: {max_steps: 2}\n")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cai.lora import LoraSettings
-from cai.reward import RewardScorer, RewardSettings, evaluate_reward_model, soft_bradley_terry_loss, train_reward_model
+from cai.train.reward import RewardScorer, RewardSettings, evaluate_reward_model, soft_bradley_terry_loss, train_reward_model
 
 
 def write_pairs(path, n=24, prob=1.0, source="human"):
@@ -171,7 +171,7 @@ def write_long_and_short(path, n=8):
 def test_long_pairs_are_truncated_from_the_prompt_side_not_dropped(tiny_classifier_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from cai.reward import _dataset, reward_text
+    from cai.train.reward import _dataset, reward_text
 
     rows = write_long_and_short(tmp_path / "train.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(tiny_classifier_dir)

@@ -353,7 +353,7 @@ GOOD_SFT = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant
     (GOOD_SFT + b'{"messages": "caf\xe9"}\n', "sft.jsonl:2: not valid UTF-8"),
 ])
 def test_bad_user_sft_data_is_a_cai_error_with_file_and_line(tmp_path, content, problem):
-    from cai.policy import sft_dataset
+    from cai.train.policy import sft_dataset
 
     path = tmp_path / "sft.jsonl"
     path.write_bytes(content)

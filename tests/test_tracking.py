@@ -9,9 +9,9 @@ import pytest
 from cai import progress
 from cai.errors import CaiError
 from cai.lora import LoraSettings
-from cai.policy import DPOSettings, TrainSettings, train_dpo, train_sft
-from cai.ppo import PPOSettings, PPOTrainer
-from cai.reward import RewardSettings, train_reward_model
+from cai.train.policy import DPOSettings, TrainSettings, train_dpo, train_sft
+from cai.train.ppo import PPOSettings, PPOTrainer
+from cai.train.reward import RewardSettings, train_reward_model
 
 
 def small(**overrides):

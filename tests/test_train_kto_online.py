@@ -9,7 +9,7 @@ import torch
 from cai.errors import CaiError
 from cai.labeling import LabelSettings
 from cai.lora import LoraSettings
-from cai.policy import TrainSettings
+from cai.train.policy import TrainSettings
 from cai.prompt_sets import Prompt
 from cai.train.kto import KTOSettings, kto_dataset, train_kto
 from cai.train.online_dpo import ConstitutionJudge, OnlineDPOSettings, RewardJudge, train_online_dpo
@@ -219,7 +219,7 @@ def test_the_judges_probability_drives_the_update(tiny_causal_lm_dir, tmp_path):
 def test_reward_model_judge_is_bradley_terry(tiny_classifier_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai.reward import RewardScorer
+    from cai.train.reward import RewardScorer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_classifier_dir)

@@ -72,7 +72,7 @@ def test_cli_refuses_a_bad_trl_key_before_any_work(tmp_path):
 def test_trl_keys_change_training(tiny_causal_lm_dir, tmp_path):
     """The keys reach the trainer: a constant schedule keeps the logged learning rate where the
     default linear one decays it, and weight decay changes the trained adapter."""
-    from cai.policy import DPOSettings, train_dpo, train_sft
+    from cai.train.policy import DPOSettings, train_dpo, train_sft
 
     data = write_sft(tmp_path / "sft.jsonl")
     linear = train_sft(data, str(tiny_causal_lm_dir), tmp_path / "linear", small(max_steps=4))["log_history"]
@@ -89,7 +89,7 @@ def test_trl_keys_change_training(tiny_causal_lm_dir, tmp_path):
 
 
 def test_trainer_refuses_a_bad_key_given_in_code(tiny_causal_lm_dir, tmp_path):
-    from cai.policy import train_sft
+    from cai.train.policy import train_sft
 
     with pytest.raises(CaiError, match=r"field 'trl.num_train_epochs'.*set sft.settings.epochs instead"):
         train_sft(write_sft(tmp_path / "sft.jsonl"), str(tiny_causal_lm_dir), tmp_path / "o",

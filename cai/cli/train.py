@@ -36,7 +36,7 @@ def train_rm(
     from pathlib import Path
 
     from cai.lora import LoraSettings
-    from cai.reward import RewardSettings, train_reward_model
+    from cai.train.reward import RewardSettings, train_reward_model
 
     weights = {}
     for item in source_weight:
@@ -69,7 +69,7 @@ def sft(
     set: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Supervised fine-tuning on revisions (loss on the answer only), LoRA or QLoRA."""
-    from cai.policy import TrainSettings, train_sft
+    from cai.train.policy import TrainSettings, train_sft
 
     metrics = train_sft(data, model, out, _settings(TrainSettings, set, "sft"))
     print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
@@ -84,7 +84,7 @@ def dpo(
     set: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """DPO with LoRA/QLoRA; the reference is the policy with its adapter disabled."""
-    from cai.policy import DPOSettings, train_dpo
+    from cai.train.policy import DPOSettings, train_dpo
 
     metrics = train_dpo(data, model, out, _settings(DPOSettings, set, "dpo"), sft_adapter=_adapter_dir(sft_adapter, "--sft"))
     print(json.dumps({k: v for k, v in metrics.items() if k != "log_history"}, indent=2, default=str))
@@ -137,7 +137,7 @@ def online_dpo(
     loaded = load_prompts(prompts)
     start = _adapter_dir(sft_adapter, "--sft")
     if reward:
-        from cai.reward import RewardScorer
+        from cai.train.reward import RewardScorer
 
         judge = RewardJudge(RewardScorer.load(reward, threads=threads))
     else:
@@ -160,9 +160,9 @@ def ppo(
     set: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """PPO against a reward model (cai's own implementation; TRL removed PPOTrainer)."""
-    from cai.ppo import PPOSettings, PPOTrainer
+    from cai.train.ppo import PPOSettings, PPOTrainer
     from cai.prompt_sets import load_prompts
-    from cai.reward import RewardScorer
+    from cai.train.reward import RewardScorer
 
     settings = _settings(PPOSettings, set, "ppo")
     loaded = [list(p.messages) for p in load_prompts(prompts)]
@@ -179,9 +179,9 @@ def _online_command(method: str):
         sft_adapter: Optional[str] = typer.Option(None, "--sft"),
         set: list[str] = typer.Option([], "--set", help=SET_HELP),
     ) -> None:
-        from cai.online import OnlineSettings, train_online
+        from cai.train.online import OnlineSettings, train_online
         from cai.prompt_sets import load_prompts
-        from cai.reward import RewardScorer
+        from cai.train.reward import RewardScorer
 
         settings = _settings(OnlineSettings, set, method)
         loaded = load_prompts(prompts)
@@ -210,9 +210,9 @@ def best_of_n_command(
 ) -> None:
     """Sample n answers per prompt and keep the one the reward model scores highest."""
     from cai.engines import SamplingSettings
-    from cai.online import best_of_n
+    from cai.train.online import best_of_n
     from cai.prompt_sets import load_prompts
-    from cai.reward import RewardScorer
+    from cai.train.reward import RewardScorer
 
     # Inputs first: a missing file must not cost an engine start-up (half a minute for vLLM).
     loaded, scorer = load_prompts(prompts), RewardScorer.load(reward, threads=threads)

@@ -37,7 +37,7 @@ from typing import Literal
 
 from cai import runtime, trl_args
 from cai.errors import CaiError
-from cai.policy import TrainSettings, _train_and_save, load_policy, merged_adapter
+from cai.train.policy import TrainSettings, _train_and_save, load_policy, merged_adapter
 
 
 @dataclass(frozen=True)

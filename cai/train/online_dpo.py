@@ -4,7 +4,7 @@
     cai online-dpo --prompts prompts.jsonl --reward runs/rm --out runs/odpo          # the reward model judges
 
 Each step: the policy samples two answers to each prompt of the batch; the judge says with what
-probability p the first is better; the soft-label DPO loss of `cai.dpo_soft` (conservative DPO
+probability p the first is better; the soft-label DPO loss of `cai.train.dpo_soft` (conservative DPO
 for sigmoid, IPO's soft target, the expected hinge) moves the policy toward the judge's
 preference, as far as p says (p = 0.5: no push at all). The reference is the policy with its
 adapter disabled (the SFT model when the SFT adapter is merged into a full-precision base, the
@@ -42,7 +42,7 @@ from typing import Literal, Protocol, Sequence
 from cai import runtime, store, trl_args
 from cai.errors import CaiError
 from cai.labeling import LabelSettings
-from cai.policy import TrainSettings, _train_and_save, load_policy, merged_adapter
+from cai.train.policy import TrainSettings, _train_and_save, load_policy, merged_adapter
 
 
 @dataclass(frozen=True)

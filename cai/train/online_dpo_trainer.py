@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from cai import chat
-from cai.dpo_soft import soft_loss
+from cai.train.dpo_soft import soft_loss
 
 
 @dataclass

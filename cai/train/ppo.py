@@ -3,7 +3,7 @@
     cai ppo --prompts prompts.jsonl --model smollm2-135m-instruct --reward runs/rm --out runs/ppo [--sft runs/sft]
 
 Why cai owns this: TRL removed PPOTrainer in 1.13. This module follows the recipe of Ziegler et al.
-(2019) and Ouyang et al. (2022) as TRL's last version did (the tensor math is in `cai.ppo_math`):
+(2019) and Ouyang et al. (2022) as TRL's last version did (the tensor math is in `cai.train.ppo_math`):
 
 1. Rollout: sample responses from the policy at `temperature` (plain softmax sampling: no top-k,
    top-p or penalties from the model's generation config, so the sampler's distribution is the
@@ -49,11 +49,12 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from cai import cards, runtime, store, tracking
+from cai import cards, runtime, store
+from cai.train import tracking
 from cai.errors import CaiError
 from cai.progress import StageProgress
 from cai.lora import LoraSettings
-from cai.ppo_math import (  # noqa: F401  (re-exported: the math used to live here)
+from cai.train.ppo_math import (  # noqa: F401  (re-exported: the math used to live here)
     AdaptiveKL, RunningMoments, entropy, gae, masked_mean, per_token_rewards, policy_loss, response_mask,
     token_logprobs, value_loss, whiten,
 )
@@ -95,7 +96,7 @@ class PPOSettings:
     seed: int = 0
     threads: int = 0
     # Experiment trackers, by the names transformers/accelerate use (tensorboard, trackio, wandb,
-    # mlflow, ...); "none" follows the recipe's top-level `trl.report_to`. See cai/tracking.py.
+    # mlflow, ...); "none" follows the recipe's top-level `trl.report_to`. See cai/train/tracking.py.
     report_to: str | tuple[str, ...] = "none"
 
     def __post_init__(self) -> None:
@@ -138,7 +139,7 @@ def _eos_ids(value) -> list[int]:
 class PPOTrainer:
     def __init__(self, model_name: str, reward_fn: RewardFn, prompts: Sequence[Sequence[dict]], out_dir: str | Path,
                  settings: PPOSettings = PPOSettings(), *, sft_adapter: str | None = None):
-        from cai.policy import TrainSettings, load_policy
+        from cai.train.policy import TrainSettings, load_policy
 
         self.settings = settings
         self.out_dir = Path(out_dir)

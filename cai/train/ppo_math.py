@@ -1,4 +1,4 @@
-"""The tensor math of cai's PPO (`cai.ppo`), kept apart so each piece is tested against hand-computed values.
+"""The tensor math of cai's PPO (`cai.train.ppo`), kept apart so each piece is tested against hand-computed values.
 
 Everything here is a pure function of tensors (plus two tiny stateful controllers): GAE, the
 clipped losses, the per-token KL reward, log-probs at the sampling temperature, the response mask

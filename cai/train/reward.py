@@ -34,10 +34,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from cai import cards, chat, models, runtime, store, tracking, trl_args
+from cai import cards, chat, models, runtime, store, trl_args
+from cai.train import tracking
 from cai.errors import CaiError
 from cai.lora import keep_trainable_fp32, peft_config, prepare_quantized, quantization_config
-from cai.policy import TrainSettings
+from cai.train.policy import TrainSettings
 
 
 @dataclass(frozen=True)

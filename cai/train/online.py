@@ -19,9 +19,9 @@ from cai import runtime, store, trl_args
 from cai.durable import request_seed
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
 from cai.errors import CaiError
-from cai.policy import TrainSettings, _train_and_save, load_policy, merged_adapter
+from cai.train.policy import TrainSettings, _train_and_save, load_policy, merged_adapter
 from cai.prompt_sets import Prompt
-from cai.reward import RewardScorer
+from cai.train.reward import RewardScorer
 
 
 @dataclass(frozen=True)

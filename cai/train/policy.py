@@ -17,7 +17,7 @@ plain base (`cai.lora.stack_adapters`); with a quantised base (no merging into 4
 SFT adapter itself is trained further and the reference is the base.
 
 Soft labels in DPO (`soft_labels`): `"soft"` (default) trains each pair against its own
-chosen_prob p with `cai.dpo_soft.SoftDPOTrainer` (conservative DPO for the sigmoid loss, a soft
+chosen_prob p with `cai.train.dpo_soft.SoftDPOTrainer` (conservative DPO for the sigmoid loss, a soft
 target for IPO, the expected hinge for hinge); `"filter"` keeps only pairs with chosen_prob >=
 `min_chosen_prob` and trains them as hard labels (p = 1); `"ignore"` uses every pair as a hard
 label. There is no label-smoothing mode: TRL's sigmoid loss never reads `label_smoothing`.
@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cai import cards, models, runtime, store, tracking, trl_args
+from cai import cards, models, runtime, store, trl_args
+from cai.train import tracking
 from cai.errors import CaiError
 from cai.lora import LoraSettings, keep_trainable_fp32, peft_config, prepare_quantized, quantization_config, stack_adapters
 
@@ -68,7 +69,7 @@ class DPOSettings:
                            "(each pair's chosen_prob in the loss), 'filter' or 'ignore'", field="dpo.soft_labels")
         if self.soft_labels not in ("soft", "filter", "ignore"):
             raise CaiError(f"unknown mode '{self.soft_labels}' (soft, filter or ignore)", field="dpo.soft_labels")
-        if self.loss_type not in ("sigmoid", "ipo", "hinge"):  # the losses cai.dpo_soft has soft forms of
+        if self.loss_type not in ("sigmoid", "ipo", "hinge"):  # the losses cai.train.dpo_soft has soft forms of
             raise CaiError(f"unknown loss type '{self.loss_type}' (sigmoid, ipo or hinge)", field="dpo.loss_type")
         if not 0.5 <= self.min_chosen_prob <= 1:
             raise CaiError("must be in [0.5, 1]", field="dpo.min_chosen_prob")
@@ -199,7 +200,7 @@ def dpo_dataset(path: Path, settings: DPOSettings):
 def train_dpo(
     data: str | Path, model_name: str, out_dir: str | Path, settings: DPOSettings = DPOSettings(), *, sft_adapter: str | None = None
 ) -> dict:
-    from cai.dpo_soft import SOFT_LOSSES, SoftDPOTrainer
+    from cai.train.dpo_soft import SOFT_LOSSES, SoftDPOTrainer
 
     out_dir = Path(out_dir)
     train = settings.train
