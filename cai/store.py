@@ -47,7 +47,7 @@ CAI_NAMES = frozenset({
     "work", "trace.jsonl", "sft.jsonl", "preferences.jsonl", "responses.jsonl", "train.jsonl", "eval.jsonl",
     "best_of_n.jsonl", "hf", "labels", "README.md",
     "checkpoints", "checkpoint", "checkpoint.tmp", "adapter", "stage_adapter", "merged", "value_head.pt",
-    "kl_samples.json", "calibration_labels", "run.log", "tracking",
+    "kl_samples.json", "calibration_labels", "run.log", "tracking", "launch.json",
 })
 CAI_PATTERNS = ("answers-*.json", "harness-*.json", ".*.tmp-*")
 

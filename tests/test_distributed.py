@@ -63,6 +63,10 @@ def test_sft_on_two_processes_through_cai_run(tiny_causal_lm_dir, tmp_path):
     assert metrics["processes"] == 2 and metrics["steps"] == 4  # the world size the trainer saw from inside
     assert metrics["log_history"][-1]["epoch"] == 1.0  # 4 steps x 2 rows x 2 processes = the 16 rows once
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir), str(tmp_path / "double" / "sft" / "adapter"))
+    from cai import store
+
+    written = sorted(entry.name for entry in (tmp_path / "double" / "sft").iterdir())
+    assert "launch.json" in written and all(store.is_cai_name(name) for name in written), written
 
 
 @pytest.mark.slow

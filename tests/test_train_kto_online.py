@@ -13,6 +13,7 @@ from cai.train.policy import TrainSettings
 from cai.prompt_sets import Prompt
 from cai.train.kto import KTOSettings, kto_dataset, train_kto
 from cai.train.online_dpo import ConstitutionJudge, OnlineDPOSettings, RewardJudge, train_online_dpo
+from test_policy import completion_logprob
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [Prompt(id=f"p{i}", messages=({"role": "user", "content": f"How do I bake bread {i}?"},)) for i in range(4)]
@@ -33,15 +34,6 @@ def write_pairs(path, probs):
     return path
 
 
-def completion_logprob(model, tokenizer, prompt, completion):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    prefix = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    full = tokenizer(text + completion, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(full).logits[0, :-1].float(), -1)
-    targets = full[0, 1:]
-    start = prefix.shape[1] - 1
-    return logprobs[start:].gather(-1, targets[start:, None]).sum().item()
 
 
 # -- KTO ----------------------------------------------------------------------------------------------
