@@ -20,7 +20,7 @@ CPU_UNWANTED := torchvision torchaudio torchcodec triton
 # What a finished environment must import: the engine, transformers' image utilities (vLLM
 # imports them; a CUDA torchvision beside the CPU torch breaks them), the trainers, the test tools,
 # and the builtin model's weights file (found, not imported).
-CHECK := import cai.cli, vllm, transformers.image_utils, trl, peft, pytest, hypothesis, pytest_timeout, lm_eval, tensorboard, matplotlib; \
+CHECK := import cai.cli, vllm, transformers.image_utils, trl, peft, pytest, hypothesis, pytest_timeout, lm_eval, tensorboard, matplotlib, ray; \
 	from cai.models import builtin_source; builtin_source("smollm2-135m-instruct")
 # `make fuzz`: Hypothesis draws fresh random inputs for every loader, importer and reader.
 FUZZ_EXAMPLES ?= 2000

@@ -21,6 +21,7 @@ import signal
 
 KILL_AT = "CAI_TEST_KILL_AT"
 MARKER = "CAI_TEST_KILL_MARKER"
+ONCE = "CAI_TEST_KILL_ONCE"  # set: no kill once the marker exists, across processes
 
 _calls: dict[str, int] = {}
 
@@ -39,6 +40,8 @@ def checkpoint(name: str) -> None:
     if _calls[name] != int(count):
         return
     marker = os.environ.get(MARKER)
+    if marker and os.environ.get(ONCE) and os.path.exists(marker):
+        return  # killed once already (a restarted Ray actor is a new process with fresh counts)
     if marker:
         with open(marker, "w", encoding="utf-8") as handle:
             handle.write(f"{spec} pid={os.getpid()}\n")

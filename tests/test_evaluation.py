@@ -332,7 +332,7 @@ def test_a_judge_model_the_openai_servers_do_not_serve_is_refused(tiny_causal_lm
     assert not (tmp_path / "run" / "eval" / "answers-policy.json").exists()
 
 
-@pytest.mark.parametrize("name", ["qlora-7b", "scale-out"])
+@pytest.mark.parametrize("name", ["qlora-7b", "scale-out", "scale-out-fleet"])
 def test_gpu_recipes_name_a_separate_judge(name):
     recipe = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     assert recipe.eval.judge_model and recipe.eval.judge_model != recipe.model

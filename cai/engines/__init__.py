@@ -25,12 +25,13 @@ from typing import Literal
 
 from cai.engines.base import ChatPrompt, ChoiceScores, Engine, Generation, SamplingSettings
 from cai.engines.openai_engine import OpenAISettings
+from cai.engines.ray_engine import RaySettings
 from cai.engines.starts import engine_starts
 from cai.errors import CaiError
 
 log = logging.getLogger(__name__)
 
-EngineKind = Literal["auto", "vllm", "hf", "openai"]
+EngineKind = Literal["auto", "vllm", "hf", "openai", "ray"]
 
 __all__ = [
     "ChatPrompt",
@@ -39,6 +40,7 @@ __all__ = [
     "EngineSettings",
     "Generation",
     "OpenAISettings",
+    "RaySettings",
     "SamplingSettings",
     "close_all",
     "get_engine",
@@ -58,10 +60,11 @@ class EngineSettings:
     max_lora_rank: int = 64
     merge_adapters: bool = False  # vllm: serve adapters as merged weights swapped in place (cai.merge)
     openai: OpenAISettings = field(default_factory=OpenAISettings)
+    ray: RaySettings = field(default_factory=RaySettings)  # kind ray: actors each owning a `ray.engine` engine
 
     def __post_init__(self) -> None:
-        if self.kind not in ("auto", "vllm", "hf", "openai"):
-            raise CaiError(f"unknown engine '{self.kind}' (choose auto, vllm, hf or openai)", field="engine.kind")
+        if self.kind not in ("auto", "vllm", "hf", "openai", "ray"):
+            raise CaiError(f"unknown engine '{self.kind}' (choose auto, vllm, hf, openai or ray)", field="engine.kind")
 
 
 _ENGINES: dict[tuple, Engine] = {}
@@ -71,10 +74,11 @@ _FELL_BACK: set[tuple] = set()  # `auto` keys whose vLLM start failed: they use 
 # identical engine. Every other field (including any added later) is part of the key.
 _NOT_USED = {
     "hf": {"max_model_len", "gpu_memory_utilization", "kv_cache_gib", "enable_lora", "max_lora_rank", "merge_adapters",
-           "openai"},
-    "vllm": {"batch_size", "openai"},
+           "openai", "ray"},
+    "vllm": {"batch_size", "openai", "ray"},
     "openai": {"batch_size", "max_model_len", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
-               "enable_lora", "max_lora_rank", "merge_adapters"},
+               "enable_lora", "max_lora_rank", "merge_adapters", "ray"},
+    "ray": {"openai"},  # the actors' engine uses every other setting
 }
 _NOT_BEHAVIOUR = {"kind", "threads"}  # the resolved kind is keyed separately; threads only change speed
 
@@ -83,7 +87,7 @@ def cache_key(kind: str, model: str, settings: EngineSettings, adapters: dict[st
     """What makes two engine requests interchangeable: model, kind and every setting the kind uses."""
     values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
               if f.name not in _NOT_BEHAVIOUR and f.name not in _NOT_USED[kind]}
-    if kind == "vllm":  # adapters need an engine started with LoRA slots (unless they are merged)
+    if kind in ("vllm", "ray"):  # adapters need an engine started with LoRA slots (unless they are merged)
         values["enable_lora"] = (settings.enable_lora or bool(adapters)) and not settings.merge_adapters
         if not values["enable_lora"]:
             values.pop("max_lora_rank")
@@ -170,9 +174,13 @@ def _start(kind: str, model: str, settings: EngineSettings, adapters: dict[str, 
             kv_cache_gib=settings.kv_cache_gib,
             merge_adapters=settings.merge_adapters,
         )
+    if kind == "ray":
+        from cai.engines.ray_engine import RayEngine
+
+        return RayEngine(model, settings, adapters)
     from cai.engines.openai_engine import OpenAIEngine
 
-    return OpenAIEngine(model, settings.openai)
+    return OpenAIEngine(model, settings.openai, adapters=adapters)
 
 
 def close_all() -> None:

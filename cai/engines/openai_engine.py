@@ -1,9 +1,16 @@
 """The OpenAI-compatible engine: a fleet of `vllm serve` (or llama.cpp, TGI...) servers.
 
-Requests go out concurrently (bounded by `max_concurrency`) and round-robin over `base_urls`,
-so several servers share a batch. 429, 5xx, timeouts and dropped connections are retried with
-exponential backoff and jitter; authentication and unknown-model answers fail at once with a
-one-line error, since retrying cannot fix them.
+Requests go out concurrently (bounded by `max_concurrency`) and each attempt picks a server
+round-robin over `base_urls`, so several servers share a batch. 429, 5xx, timeouts and dropped
+connections are retried on the next healthy server; the failing server cools down (growing with its
+consecutive failures, up to `cooldown_s`, or as long as its `Retry-After` asks, up to
+`max_retry_after_s`): see `openai_fleet`. So a dead server's requests fail over to the others.
+Authentication and unknown-model answers fail at once with a one-line error, since retrying cannot
+fix them. A request that runs out of retries stops its whole call with one error counting the
+failed requests, after the others still in flight are cancelled: nothing is returned partially.
+
+LoRA adapters are loaded into every server through vLLM's runtime endpoint (`add_adapter`), and a
+request for an adapter sends its name as the model.
 
 With a local `tokenizer`, prompts are rendered here exactly as the local engines render them
 and sent to /v1/completions (same text, same prefix-cache hits). Without one, /v1/chat/completions
@@ -24,11 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import itertools
 import logging
 import os
-import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -37,6 +43,7 @@ import httpx
 
 from cai import chat
 from cai.engines.base import ChatPrompt, ChoiceScores, Generation, SamplingSettings, normalise, truncate_at_stop
+from cai.engines.openai_fleet import Fleet, Server, retry_after_s
 from cai.engines.openai_reply import MalformedReply, generation_parts, match_choices, next_token_logprobs
 from cai.errors import CaiError
 
@@ -102,8 +109,13 @@ class OpenAISettings:
     timeout_s: float = 120.0
     max_retries: int = 5
     backoff_s: float = 0.5
+    cooldown_s: float = 30.0  # the longest a failing server is left alone (its cool-down doubles up to this)
+    max_retry_after_s: float = 60.0  # the longest a server's Retry-After is honoured
 
     def __post_init__(self) -> None:
+        for name in ("timeout_s", "backoff_s", "cooldown_s", "max_retry_after_s"):
+            if not getattr(self, name) >= 0:
+                raise CaiError(f"must be a number >= 0, not {getattr(self, name)!r}", field=f"engine.openai.{name}")
         for url in self.base_urls:
             parts = _split(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -120,7 +132,7 @@ class OpenAISettings:
 class OpenAIEngine:
     name = "openai"
 
-    def __init__(self, model: str, settings: OpenAISettings = OpenAISettings()):
+    def __init__(self, model: str, settings: OpenAISettings = OpenAISettings(), adapters: dict[str, str] | None = None):
         if not settings.base_urls:
             raise CaiError("needs at least one server URL", field="engine.openai.base_urls")
         if settings.api_key_env and not os.environ.get(settings.api_key_env):
@@ -133,7 +145,12 @@ class OpenAIEngine:
             from cai.loading import load_tokenizer
 
             self.tokenizer = load_tokenizer(settings.tokenizer)
-        self._urls = itertools.cycle([_without_credentials(u.rstrip("/")) for u in settings.base_urls])
+        servers = [Server(*_without_credentials(u.rstrip("/")), shown=redact_url(u.rstrip("/"))) for u in settings.base_urls]
+        self._fleet = Fleet(servers, backoff_s=settings.backoff_s, cooldown_s=settings.cooldown_s,
+                            max_retry_after_s=settings.max_retry_after_s)
+        self._adapters: dict[str, str] = {}  # name -> path, loaded into every server
+        for name, path in (adapters or {}).items():
+            self.add_adapter(name, path)
 
     # -- public interface ---------------------------------------------------------------------
     def generate(
@@ -175,6 +192,10 @@ class OpenAIEngine:
 
     # -- request building -----------------------------------------------------------------------
     def _body(self, prompt: ChatPrompt, adapter: str | None, **params: Any) -> dict:
+        if adapter is not None and adapter not in self._adapters:
+            known = ", ".join(sorted(self._adapters)) or "none"
+            raise CaiError(f"adapter '{adapter}' was not loaded into the servers (loaded: {known}): load it with "
+                           "add_adapter(name, path) first (the recipe's adapters do this)")
         body: dict[str, Any] = {"model": adapter or self.served_model}
         body.update({k: v for k, v in params.items() if v is not None})
         if self.tokenizer is not None:
@@ -218,33 +239,61 @@ class OpenAIEngine:
         return asyncio.run(self._gather(bodies, read))
 
     async def _gather(self, bodies: list[dict], read: Callable[[dict], Any]) -> list:
+        """All replies in order, or one CaiError: at the first request that fails (out of retries, or
+        an answer retrying cannot fix), the others still running are cancelled and awaited, then the
+        error says how many of the call's requests failed."""
         limit = asyncio.Semaphore(self.settings.max_concurrency)
         timeout = httpx.Timeout(self.settings.timeout_s)
         async with httpx.AsyncClient(timeout=timeout) as client:
             async def one(body: dict) -> Any:
                 async with limit:
-                    return await self._post(client, next(self._urls), body, read)
+                    return await self._post(client, body, read)
 
-            return await asyncio.gather(*(one(b) for b in bodies))
+            tasks = [asyncio.create_task(one(b)) for b in bodies]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            finally:  # also when this call itself is cancelled: no request is left running
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        failed = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
+        if not failed:
+            return [t.result() for t in tasks]
+        first = next((e for e in failed if isinstance(e, CaiError)), None)
+        if first is None:  # not a user-fixable problem: a bug, with its traceback
+            raise failed[0]
+        cancelled = sum(t.cancelled() for t in tasks)
+        counts = f"{len(failed)} of {len(tasks)} requests failed" + (f", {cancelled} cancelled" if cancelled else "")
+        error = CaiError(f"{counts}; {first}")
+        error.source, error.field = first.source, first.field
+        raise error from None
 
-    async def _post(self, client: httpx.AsyncClient, server: tuple[str, httpx.BasicAuth | None], body: dict,
-                    read: Callable[[dict], Any]) -> Any:
-        base_url, auth = server
-        body = dict(body)
-        url = base_url + body.pop("_path")
-        shown, shown_base = redact_url(url), redact_url(base_url)  # what messages and logs may print
-        headers = {}
+    def _headers(self) -> dict[str, str]:
         key = os.environ.get(self.settings.api_key_env) if self.settings.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-            auth = None
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def _post(self, client: httpx.AsyncClient, body: dict, read: Callable[[dict], Any]) -> Any:
+        """One request: each attempt goes to the server the fleet picks, so retries fail over."""
+        body = dict(body)
+        path = body.pop("_path")
+        headers = self._headers()
+        tried: list[Server] = []
         last_problem = ""
         for attempt in range(self.settings.max_retries + 1):
+            server = await self._fleet.acquire()
+            if server not in tried:
+                tried.append(server)
+            url, shown_base = server.base_url + path, server.shown
+            shown = shown_base + path  # what messages and logs may print
+            auth = None if headers else server.auth
+            retry_after = None
             try:
                 response = await client.post(url, json=body, headers=headers, auth=auth or httpx.USE_CLIENT_DEFAULT)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 last_problem = f"{type(exc).__name__}"
             else:
+                if response.status_code not in RETRYABLE:
+                    self._fleet.succeeded(server)  # it answered: whatever it said, it is up
                 if response.status_code == 200:
                     try:
                         return read(_reply(response, shown))
@@ -262,11 +311,89 @@ class OpenAIEngine:
                 if response.status_code not in RETRYABLE:
                     raise CaiError(f"{shown} answered HTTP {response.status_code}: {_server_message(response)}")
                 last_problem = f"HTTP {response.status_code}"
+                retry_after = retry_after_s(response.headers.get("retry-after"))
+            cool = self._fleet.failed(server, retry_after)
             if attempt < self.settings.max_retries:
-                delay = self.settings.backoff_s * (2**attempt) * (0.5 + random.random())
-                log.warning("%s from %s; retry %d in %.1f s", last_problem, shown_base, attempt + 1, delay)
-                await asyncio.sleep(delay)
-        raise CaiError(f"{shown} kept failing ({last_problem}) after {self.settings.max_retries} retries")
+                log.warning("%s from %s (cooling down %.2f s); retry %d", last_problem, shown_base, cool, attempt + 1)
+        if len(tried) > 1:
+            last_problem += f" from {server.shown}"
+        where = ", ".join(s.shown + path for s in tried)
+        raise CaiError(f"{where} kept failing ({last_problem}) after {self.settings.max_retries} retries")
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> None:
+        """Load the LoRA adapter at `path` into every server under `name`; requests with
+        `adapter=name` then ask for it as their model. `path` is read by the *servers*, not by this
+        process: it must be a folder each server can read (a shared file system, or the same path
+        on every server's machine) or a Hugging Face repo id they can download.
+
+        Uses vLLM's runtime LoRA endpoint (`POST {base}/load_lora_adapter`), present when the server
+        runs with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve ... --enable-lora`. A server
+        already holding `name` from the same path (for instance from `--lora-modules name=path`)
+        is fine; holding it from another path, it is unloaded and loaded again from `path`. A server
+        without the endpoint, or refusing the adapter, is a one-line error saying how to start it."""
+        with httpx.Client(timeout=httpx.Timeout(self.settings.timeout_s)) as client:
+            for server in self._fleet.servers:
+                self._load_adapter(client, server, name, path)
+        self._adapters[name] = path
+
+    def _load_adapter(self, client: httpx.Client, server: Server, name: str, path: str) -> None:
+        body = {"lora_name": name, "lora_path": path}
+        response = self._call(client, server, "/load_lora_adapter", body)
+        if response.status_code == 400 and "already" in response.text and "loaded" in response.text:
+            if self._served_adapter_root(client, server, name) == path:
+                return
+            self._call(client, server, "/unload_lora_adapter", {"lora_name": name})
+            response = self._call(client, server, "/load_lora_adapter", body)
+        if response.status_code == 200:
+            return
+        message = _server_message(response)
+        if response.status_code in (401, 403):
+            raise CaiError(f"authentication failed at {server.shown} (HTTP {response.status_code}) loading adapter '{name}'")
+        if response.status_code == 404 and ("adapter" in message.lower() or "lora" in message.lower()):
+            raise CaiError(f"{server.shown} could not find adapter '{name}' at {path}: {message} (the path is read "
+                           "by the server, so it must exist on the server's machine)")
+        if response.status_code in (404, 405):
+            raise CaiError(
+                f"{server.shown} cannot load LoRA adapters at run time (HTTP {response.status_code} from "
+                f"{server.shown}/load_lora_adapter): start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve "
+                f"... --enable-lora, or list the adapter when starting it with --enable-lora --lora-modules {name}={path}")
+        raise CaiError(
+            f"{server.shown} refused to load adapter '{name}' from {path} (HTTP {response.status_code}): {message}; "
+            "it needs --enable-lora (and --max-lora-rank at least the adapter's rank), and the path must be readable "
+            "by the server")
+
+    def _served_adapter_root(self, client: httpx.Client, server: Server, name: str) -> str | None:
+        """The path `server` says it loaded adapter `name` from (vLLM lists it as `root` in /models)."""
+        try:
+            data = self._call(client, server, "/models", None).json()
+            cards = data.get("data") if isinstance(data, dict) else None
+            return next((c.get("root") for c in cards or [] if isinstance(c, dict) and c.get("id") == name), None)
+        except (ValueError, CaiError):
+            return None
+
+    def _call(self, client: httpx.Client, server: Server, path: str, body: dict | None) -> httpx.Response:
+        """One management request (POST `body`, or GET without one), retried like a generation
+        request while the server is unreachable or busy; a server still failing is an error."""
+        headers = self._headers()
+        auth = None if headers else server.auth
+        problem = ""
+        for attempt in range(self.settings.max_retries + 1):
+            try:
+                if body is None:
+                    response = client.get(server.base_url + path, headers=headers, auth=auth or httpx.USE_CLIENT_DEFAULT)
+                else:
+                    response = client.post(server.base_url + path, json=body, headers=headers,
+                                           auth=auth or httpx.USE_CLIENT_DEFAULT)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                problem = type(exc).__name__
+            else:
+                if response.status_code not in RETRYABLE:
+                    return response
+                problem = f"HTTP {response.status_code}"
+            if attempt < self.settings.max_retries:
+                time.sleep(min(self.settings.backoff_s * 2**attempt, self.settings.cooldown_s))
+        raise CaiError(f"{server.shown}{path} kept failing ({problem}) after {self.settings.max_retries} retries")
 
 
 def usage_counts(data: dict) -> tuple[int, int]:
