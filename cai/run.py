@@ -41,6 +41,17 @@ def _load_prompt_sources(sources: list[PromptSource], what: str):
     return prompts
 
 
+def engine_fingerprint(engine) -> dict:
+    """The engine settings a stage's output depends on: the `openai` and `ray` sections count only
+    when they are the engine's kind, so a setting (or a new field) of an engine the recipe does not
+    use never reruns finished stages."""
+    values = dataclasses.asdict(engine)
+    for kind in ("openai", "ray"):
+        if engine.kind != kind:
+            values.pop(kind)
+    return values
+
+
 class RecipeRunner:
     def __init__(self, recipe: Recipe, *, log: Callable[[str], None] = print):
         self.recipe = recipe
@@ -57,7 +68,7 @@ class RecipeRunner:
         `cai.digests`), the fingerprints of the steps before it and, past the first, its iteration."""
         r = self.recipe
         iteration = self.iteration if iteration is None else iteration
-        shared = {"model": r.model, "constitution": r.constitution, "seed": r.seed, "engine": dataclasses.asdict(r.engine),
+        shared = {"model": r.model, "constitution": r.constitution, "seed": r.seed, "engine": engine_fingerprint(r.engine),
                   "contents": self._shared_contents()}
         steps = self.plan()
         here = steps.index((iteration, stage))

@@ -105,6 +105,9 @@ def test_two_iterations_each_start_from_the_last_policy(tiny_causal_lm_dir, tmp_
     preview = RecipeRunner(load_recipe(path, ["dpo.settings.beta=0.3"]), log=lambda line: None).preview()
     assert [(p["step"], p["action"]) for p in preview][5:9] == [("rm", "skip"), ("dpo", "run"), ("eval", "run"), ("iteration-2/sample", "run")]
     assert preview[6]["why"] == "settings, inputs or an upstream step changed since its last run"
+    # Settings of an engine kind the recipe does not use change nothing.
+    unused = ["engine.openai.max_concurrency=7", "engine.ray.actors=3"]
+    assert {p["action"] for p in RecipeRunner(load_recipe(path, unused), log=lambda line: None).preview()} == {"skip"}
     assert RecipeRunner(load_recipe(path), log=lambda line: None).preview(only="iteration-2/rm")[11] == {
         "step": "iteration-2/rm", "action": "run", "why": "asked for by --only", "folder": str(out / "iteration-2" / "rm")}
     from cai.cli import main
