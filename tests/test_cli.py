@@ -35,3 +35,24 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_code:
         main(["--version"])
     assert exit_code.value.code == 0 and capsys.readouterr().out == f"cai {__version__}\n"
+
+
+def test_every_option_of_every_command_has_help():
+    """`cai <command> --help` explains each option, not only its type and default."""
+    import typer
+
+    from cai.cli import app
+
+    root = typer.main.get_command(app)
+    context = root.context_class(root)
+    commands, bare, seen = [([], root)], [], 0
+    while commands:
+        path, command = commands.pop()
+        seen += 1
+        if hasattr(command, "list_commands"):  # a group (typer vendors click, so no isinstance)
+            commands += [([*path, name], command.get_command(context, name)) for name in command.list_commands(context)]
+            continue
+        bare += [f"cai {' '.join(path)} {param.opts[0]}" for param in command.params
+                 if param.param_type_name == "option" and not param.help and param.name != "help"]
+    assert not bare, bare
+    assert seen >= 25  # the walk reached the subcommands (cai label eval, cai models list...)

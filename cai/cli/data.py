@@ -18,11 +18,11 @@ def critique(
     model: str = typer.Option("smollm2-135m-instruct", help="Builtin name, local folder or hub id."),
     out: str = typer.Option(..., help="Run directory (created; resumed when it holds the same run)."),
     rounds: int = typer.Option(2, help="Critique/revision rounds."),
-    engine: str = typer.Option("auto", help="auto, vllm, hf or openai."),
-    temperature: float = typer.Option(0.7),
-    top_p: float = typer.Option(1.0),
+    engine: str = typer.Option("auto", help="auto, vllm, hf, openai or ray (ray: a local 2-actor cluster; a recipe's engine.ray section sets more)."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest set of tokens holding this much probability (1: all)."),
     max_tokens: int = typer.Option(256, help="New tokens per answer, critique and revision."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Random seed; every request's seed derives from it, so a rerun reproduces the rows."),
     few_shot: Optional[int] = typer.Option(None, help="Use only the first N few-shot examples."),
     columns: list[str] = typer.Option([], help="Column map, e.g. --columns prompt=question."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
@@ -68,15 +68,15 @@ def sample(
     out: str = typer.Option(..., help="Run directory."),
     k: int = typer.Option(2, "-k", help="Responses per prompt (>= 2)."),
     adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder applied to the policy (not merged)."),
-    engine: str = typer.Option("auto"),
-    temperature: float = typer.Option(1.0),
-    top_p: float = typer.Option(1.0),
-    max_tokens: int = typer.Option(256),
-    seed: int = typer.Option(0),
+    engine: str = typer.Option("auto", help="auto, vllm, hf, openai or ray."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the smallest set of tokens holding this much probability (1: all)."),
+    max_tokens: int = typer.Option(256, help="Most new tokens per answer."),
+    seed: int = typer.Option(0, help="Random seed; every request's seed derives from it, so a rerun reproduces the rows."),
     columns: list[str] = typer.Option([], help="Column map, e.g. --columns prompt=question."),
-    limit: Optional[int] = typer.Option(None),
-    threads: int = typer.Option(0),
-    overwrite: bool = typer.Option(False),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    threads: int = typer.Option(0, help="CPU threads (0: every core)."),
+    overwrite: bool = typer.Option(False, help="Replace what cai wrote in --out before (never files it did not write)."),
 ) -> None:
     """Sample k responses per prompt from a policy (input for `cai label`)."""
     import json
@@ -116,11 +116,11 @@ def label(
     min_confidence: float = typer.Option(0.5, help="Drop pairs whose chosen_prob is below this."),
     keep_ties: bool = typer.Option(False, help="Keep pairs labelled exactly 0.5 (no preference) instead of dropping them."),
     pairing: str = typer.Option("adjacent", help="adjacent or all pairs of the k responses."),
-    cot_max_tokens: int = typer.Option(128),
-    engine: str = typer.Option("auto"),
-    seed: int = typer.Option(0),
-    threads: int = typer.Option(0),
-    overwrite: bool = typer.Option(False),
+    cot_max_tokens: int = typer.Option(128, help="Most tokens of reasoning per comparison in cot mode."),
+    engine: str = typer.Option("auto", help="auto, vllm, hf, openai or ray."),
+    seed: int = typer.Option(0, help="Random seed; every request's seed derives from it, so a rerun reproduces the rows."),
+    threads: int = typer.Option(0, help="CPU threads (0: every core)."),
+    overwrite: bool = typer.Option(False, help="Replace what cai wrote in --out before (never files it did not write)."),
 ) -> None:
     """Label response pairs with soft, position-debiased AI preferences."""
     if ctx.invoked_subcommand is not None:
@@ -154,13 +154,13 @@ def label_eval(
     constitution: str = typer.Option(..., help="Constitution YAML with 'preferences'."),
     model: str = typer.Option("smollm2-135m-instruct", help="Feedback (labeller) model."),
     out: str = typer.Option(..., help="Run directory (metrics.json is written there)."),
-    mode: str = typer.Option("logprob"),
-    principles: int = typer.Option(1),
-    cot_max_tokens: int = typer.Option(128),
-    engine: str = typer.Option("auto"),
-    seed: int = typer.Option(0),
-    threads: int = typer.Option(0),
-    overwrite: bool = typer.Option(False),
+    mode: str = typer.Option("logprob", help="logprob: read P(A)/P(B) in one step; cot: reason first, then read them."),
+    principles: int = typer.Option(1, help="Principles sampled per pair (each pair is labelled under each, in both orders)."),
+    cot_max_tokens: int = typer.Option(128, help="Most tokens of reasoning per comparison in cot mode."),
+    engine: str = typer.Option("auto", help="auto, vllm, hf, openai or ray."),
+    seed: int = typer.Option(0, help="Random seed; every request's seed derives from it, so a rerun reproduces the rows."),
+    threads: int = typer.Option(0, help="CPU threads (0: every core)."),
+    overwrite: bool = typer.Option(False, help="Replace what cai wrote in --out before (never files it did not write)."),
 ) -> None:
     """Agreement of the AI labeller with human choices, with and without swap-averaging."""
     import json
@@ -192,7 +192,7 @@ def blend_command(
     by: str = typer.Option("weight", help="weight (fractions, may oversample) or counts (exact rows)."),
     eval_fraction: float = typer.Option(0.1, help="Held-out share of every source's prompts (all pairs of a held-out prompt)."),
     skip_malformed: bool = typer.Option(False, help="Skip rows an importer cannot read (listed in summary.json) instead of failing."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Random seed; every request's seed derives from it, so a rerun reproduces the rows."),
 ) -> None:
     """Mix human comparisons and AI labels by weight; dedupe; human labels win conflicts."""
     from dataclasses import replace

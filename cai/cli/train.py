@@ -17,19 +17,19 @@ def train_rm(
     model: str = typer.Option("smollm2-135m-instruct", help="Backbone: builtin name, folder or hub id."),
     out: str = typer.Option(..., help="Output directory (adapter/, metrics.json, checkpoints/)."),
     quantization: str = typer.Option("none", help="none, 4bit (QLoRA nf4, double quant) or 8bit."),
-    lora_r: int = typer.Option(16),
-    lora_alpha: int = typer.Option(32),
-    learning_rate: float = typer.Option(1e-4),
-    epochs: float = typer.Option(1.0),
-    max_steps: int = typer.Option(-1),
-    batch_size: int = typer.Option(4),
-    gradient_accumulation_steps: int = typer.Option(1),
-    max_length: int = typer.Option(1024),
+    lora_r: int = typer.Option(16, help="LoRA rank."),
+    lora_alpha: int = typer.Option(32, help="LoRA alpha (the update is scaled by alpha / r)."),
+    learning_rate: float = typer.Option(1e-4, help="Peak learning rate."),
+    epochs: float = typer.Option(1.0, help="Passes over the training data (when --max-steps is -1)."),
+    max_steps: int = typer.Option(-1, help="Stop after this many optimiser steps (-1: train for --epochs)."),
+    batch_size: int = typer.Option(4, help="Rows per device per step."),
+    gradient_accumulation_steps: int = typer.Option(1, help="Steps whose gradients are summed before each update."),
+    max_length: int = typer.Option(1024, help="Longest tokenised row; longer rows are truncated."),
     source_weight: list[str] = typer.Option([], help="Loss weight per source, e.g. --source-weight ai=0.5"),
     hard_labels: bool = typer.Option(False, help="Ignore chosen_prob (p = 1 for every pair)."),
     merge: bool = typer.Option(False, help="Also save a merged full model."),
-    threads: int = typer.Option(0),
-    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="CPU threads (0: every core)."),
+    seed: int = typer.Option(0, help="Random seed; every request's seed derives from it, so a rerun reproduces the rows."),
 ) -> None:
     """Train a LoRA/QLoRA reward model on soft preference labels; evaluate on the held-out split."""
     import json
@@ -64,8 +64,8 @@ def train_rm(
 @app.command()
 def sft(
     data: str = typer.Option(..., help="sft.jsonl from `cai critique` (TRL messages rows)."),
-    model: str = typer.Option("smollm2-135m-instruct"),
-    out: str = typer.Option(...),
+    model: str = typer.Option("smollm2-135m-instruct", help="Base model: builtin name, folder or hub id."),
+    out: str = typer.Option(..., help="Output folder."),
     set: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Supervised fine-tuning on revisions (loss on the answer only), LoRA or QLoRA."""
@@ -78,8 +78,8 @@ def sft(
 @app.command()
 def dpo(
     data: str = typer.Option(..., help="A blend directory or a preference file."),
-    model: str = typer.Option("smollm2-135m-instruct"),
-    out: str = typer.Option(...),
+    model: str = typer.Option("smollm2-135m-instruct", help="Base model: builtin name, folder or hub id."),
+    out: str = typer.Option(..., help="Output folder."),
     sft_adapter: Optional[str] = typer.Option(None, "--sft", help="SFT adapter folder to start from."),
     set: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
@@ -152,11 +152,11 @@ def online_dpo(
 
 @app.command()
 def ppo(
-    prompts: str = typer.Option(...),
+    prompts: str = typer.Option(..., help="Prompt file or datasets id/path."),
     reward: str = typer.Option(..., help="Reward model folder from `cai train-rm`."),
-    model: str = typer.Option("smollm2-135m-instruct"),
-    out: str = typer.Option(...),
-    sft_adapter: Optional[str] = typer.Option(None, "--sft"),
+    model: str = typer.Option("smollm2-135m-instruct", help="Base model: builtin name, folder or hub id."),
+    out: str = typer.Option(..., help="Output folder."),
+    sft_adapter: Optional[str] = typer.Option(None, "--sft", help="SFT adapter folder to start from."),
     set: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """PPO against a reward model (cai's own implementation; TRL removed PPOTrainer)."""
@@ -172,11 +172,11 @@ def ppo(
 
 def _online_command(method: str):
     def command(
-        prompts: str = typer.Option(...),
+        prompts: str = typer.Option(..., help="Prompt file or datasets id/path."),
         reward: str = typer.Option(..., help="Reward model folder from `cai train-rm`."),
-        model: str = typer.Option("smollm2-135m-instruct"),
-        out: str = typer.Option(...),
-        sft_adapter: Optional[str] = typer.Option(None, "--sft"),
+        model: str = typer.Option("smollm2-135m-instruct", help="Base model: builtin name, folder or hub id."),
+        out: str = typer.Option(..., help="Output folder."),
+        sft_adapter: Optional[str] = typer.Option(None, "--sft", help="SFT adapter folder to start from."),
         set: list[str] = typer.Option([], "--set", help=SET_HELP),
     ) -> None:
         from cai.train.online import OnlineSettings, train_online
@@ -199,14 +199,14 @@ app.command("rloo")(_online_command("rloo"))
 
 @app.command("best-of-n")
 def best_of_n_command(
-    prompts: str = typer.Option(...),
-    reward: str = typer.Option(...),
-    model: str = typer.Option("smollm2-135m-instruct"),
-    out: str = typer.Option(...),
-    n: int = typer.Option(4, "-n"),
-    max_tokens: int = typer.Option(128),
-    engine: str = typer.Option("auto"),
-    threads: int = typer.Option(0),
+    prompts: str = typer.Option(..., help="Prompt file or datasets id/path."),
+    reward: str = typer.Option(..., help="Reward model folder from `cai train-rm`."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Base model: builtin name, folder or hub id."),
+    out: str = typer.Option(..., help="Output folder."),
+    n: int = typer.Option(4, "-n", help="Candidates sampled per prompt."),
+    max_tokens: int = typer.Option(128, help="Most new tokens per answer."),
+    engine: str = typer.Option("auto", help="auto, vllm, hf, openai or ray."),
+    threads: int = typer.Option(0, help="CPU threads (0: every core)."),
 ) -> None:
     """Sample n answers per prompt and keep the one the reward model scores highest."""
     from cai.engines import SamplingSettings
