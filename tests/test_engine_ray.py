@@ -166,6 +166,15 @@ def test_bad_ray_settings_stop_with_the_field():
         RaySettings(actors=0)
     with pytest.raises(CaiError, match="engine.ray.engine"):
         RaySettings(engine="openai")
+    with pytest.raises(CaiError, match="set engine.ray.gpus_per_actor to 2"):
+        EngineSettings(kind="ray", tensor_parallel_size=2, ray=RaySettings(gpus_per_actor=1))
+
+
+def test_tensor_parallelism_is_refused_without_cuda(tiny_causal_lm_dir):
+    from cai.engines.vllm_engine import VLLMEngine
+
+    with pytest.raises(CaiError, match="tensor parallelism needs CUDA"):
+        VLLMEngine(str(tiny_causal_lm_dir), tensor_parallel_size=2)
 
 
 @pytest.mark.slow

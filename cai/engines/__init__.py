@@ -59,10 +59,16 @@ class EngineSettings:
     enable_lora: bool = False  # vllm: reserve LoRA slots so adapters can be attached later
     max_lora_rank: int = 64
     merge_adapters: bool = False  # vllm: serve adapters as merged weights swapped in place (cai.merge)
+    tensor_parallel_size: int = 1  # vllm on CUDA: GPUs per engine (with kind ray: set gpus_per_actor to match)
     openai: OpenAISettings = field(default_factory=OpenAISettings)
     ray: RaySettings = field(default_factory=RaySettings)  # kind ray: actors each owning a `ray.engine` engine
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise CaiError("must be >= 1", field="engine.tensor_parallel_size")
+        if self.kind == "ray" and self.tensor_parallel_size > max(1, self.ray.gpus_per_actor):
+            raise CaiError(f"each Ray actor's engine spans {self.tensor_parallel_size} GPUs: set engine.ray.gpus_per_actor "
+                           f"to {self.tensor_parallel_size}", field="engine.tensor_parallel_size")
         if self.kind not in ("auto", "vllm", "hf", "openai", "ray"):
             raise CaiError(f"unknown engine '{self.kind}' (choose auto, vllm, hf, openai or ray)", field="engine.kind")
 
@@ -74,10 +80,10 @@ _FELL_BACK: set[tuple] = set()  # `auto` keys whose vLLM start failed: they use 
 # identical engine. Every other field (including any added later) is part of the key.
 _NOT_USED = {
     "hf": {"max_model_len", "gpu_memory_utilization", "kv_cache_gib", "enable_lora", "max_lora_rank", "merge_adapters",
-           "openai", "ray"},
+           "tensor_parallel_size", "openai", "ray"},
     "vllm": {"batch_size", "openai", "ray"},
     "openai": {"batch_size", "max_model_len", "gpu_memory_utilization", "kv_cache_gib", "trust_remote_code",
-               "enable_lora", "max_lora_rank", "merge_adapters", "ray"},
+               "enable_lora", "max_lora_rank", "merge_adapters", "tensor_parallel_size", "ray"},
     "ray": {"openai"},  # the actors' engine uses every other setting
 }
 _NOT_BEHAVIOUR = {"kind", "threads"}  # the resolved kind is keyed separately; threads only change speed
@@ -173,6 +179,7 @@ def _start(kind: str, model: str, settings: EngineSettings, adapters: dict[str, 
             gpu_memory_utilization=settings.gpu_memory_utilization,
             kv_cache_gib=settings.kv_cache_gib,
             merge_adapters=settings.merge_adapters,
+            tensor_parallel_size=settings.tensor_parallel_size,
         )
     if kind == "ray":
         from cai.engines.ray_engine import RayEngine

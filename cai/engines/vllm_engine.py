@@ -111,6 +111,7 @@ class VLLMEngine:
         quantization: str | None = None,
         kv_cache_gib: int = 2,
         merge_adapters: bool = False,
+        tensor_parallel_size: int = 1,
     ):
         configure_environment(threads, kv_cache_gib)
         try:
@@ -139,6 +140,9 @@ class VLLMEngine:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max(2, len(adapters or {})))
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["tensor_parallel_size"] = tensor_parallel_size  # a Ray actor with gpus_per_actor GPUs
+        elif tensor_parallel_size > 1:
+            raise CaiError("tensor parallelism needs CUDA GPUs", field="engine.tensor_parallel_size")
         else:
             # Per-request seeds (what makes resumed runs reproducible) crash vLLM's CPU worker when
             # a prompt's prefill is split across steps: it rewinds a CUDA-only generator offset.
