@@ -71,7 +71,9 @@ run_sampling(HFEngine(model, batch_size=2), prompts, out, settings, show_progres
 
 # 16 prompts in chunks of 2: 8 appends. Kill after the first, a middle and the last-but-one;
 # once with a torn half line after the kill.
-KILL_POINTS = [(1, False), (4, True), (7, False)]
+# The default run keeps the middle kill (with a torn line); the first and last-but-one are `slow`
+# (each ~20 s: the same code path at other points).
+KILL_POINTS = [pytest.param(1, False, marks=pytest.mark.slow), (4, True), pytest.param(7, False, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("appends,torn", KILL_POINTS)
@@ -194,8 +196,14 @@ print(json.dumps({"steps_run": steps_run[0]}))
 """
 
 
+# Each stage is killed once in the default run (a kill during a save and one after it, between
+# them); the other combination of each is `slow` (~25 s apiece).
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("kind,kill,resume_from", [
-    ("rm", "after:2", 2), ("rm", "during:4", 2), ("sft", "during:2", None), ("sft", "after:4", 4), ("dpo", "after:2", 2), ("dpo", "during:4", 2),
+    pytest.param("rm", "after:2", 2, marks=SLOW), ("rm", "during:4", 2), ("sft", "during:2", None),
+    pytest.param("sft", "after:4", 4, marks=SLOW), ("dpo", "after:2", 2), pytest.param("dpo", "during:4", 2, marks=SLOW),
 ])
 def test_training_resumes_from_last_whole_checkpoint(tiny_causal_lm_dir, tiny_classifier_dir, tmp_path, kind, kill, resume_from):
     from test_policy import write_pairs as write_policy_pairs, write_sft

@@ -235,7 +235,8 @@ def _work_lines(out: Path) -> int:
 # 7 prompts in chunks of 2 are 4 appends (2+2+2+1 rows) per stage, 5 stages for 2 rounds. Killed
 # right after append n (CAI_TEST_KILL_AT, cai/testing_hooks.py): inside the first stage, exactly
 # at the end of the second, inside the last.
-@pytest.mark.parametrize("appends,rows_on_disk", [(2, 4), (8, 14), (17, 30)])
+@pytest.mark.parametrize("appends,rows_on_disk", [
+    pytest.param(2, 4, marks=pytest.mark.slow), (8, 14), pytest.param(17, 30, marks=pytest.mark.slow)])  # default: the stage boundary
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_causal_lm_dir, tmp_path, appends, rows_on_disk):
     from test_crash_safety import CHILD_TIMEOUT, run_killed_at
 
