@@ -35,6 +35,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,7 @@ class EngineActor:
         testing_hooks.checkpoint("ray.actor.start")
         self.engine = get_engine(model, settings)
         self.adapters: dict[str, str] = {}  # name -> digest loaded under it
-        self.folder = Path(tempfile.mkdtemp(prefix="cai-ray-adapters-"))
+        self.folder: Path | None = None  # made when the first adapter arrives
 
     def _attach(self, adapter: tuple[str, str, Any] | None) -> str | None:
         if adapter is None:
@@ -99,6 +100,7 @@ class EngineActor:
         if self.adapters.get(name) != digest:
             import ray
 
+            self.folder = self.folder or Path(tempfile.mkdtemp(prefix="cai-ray-adapters-"))
             where = self.folder / digest
             if not where.is_dir():
                 contents = ray.get(files) if isinstance(files, ray.ObjectRef) else files
@@ -128,6 +130,8 @@ class EngineActor:
 
     def close(self) -> None:
         self.engine.close()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class RayEngine:
@@ -283,6 +287,10 @@ class RayEngine:
     def close(self) -> None:
         import ray
 
+        try:  # free each engine and its adapter copies, then end the processes
+            ray.get([actor.close.remote() for actor in self.living], timeout=60)
+        except ray.exceptions.RayError:
+            pass
         for actor in self.actors:
             try:
                 ray.kill(actor)
