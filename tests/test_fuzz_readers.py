@@ -161,10 +161,12 @@ reply_body = st.one_of(
 
 @pytest.fixture(scope="module")
 def engines(tiny_tokenizer_dir):
-    """Chat API (no local tokenizer) and completions API (local tokenizer) engines, no retries."""
+    """Chat API (no local tokenizer) and completions API (local tokenizer) engines, no retries and
+    no cool-down: the engines live across examples, and a 500 in one example must not make the
+    next wait for the server to cool down (the fleet's timing has its own tests)."""
     from cai.engines.openai_engine import OpenAIEngine, OpenAISettings
 
-    common = dict(base_urls=("http://127.0.0.1:9/v1",), max_retries=0, timeout_s=5)
+    common = dict(base_urls=("http://127.0.0.1:9/v1",), max_retries=0, timeout_s=5, backoff_s=0, cooldown_s=0)
     return [OpenAIEngine("fuzz", OpenAISettings(**common)), OpenAIEngine("fuzz", OpenAISettings(**common, tokenizer=str(tiny_tokenizer_dir)))]
 
 
