@@ -292,6 +292,21 @@ def test_add_adapter_loads_into_every_server_and_requests_name_it(fakes):
     assert models == ["policy"] * 4 and all(s.posts("/chat/completions") for s in servers)
 
 
+def test_loading_an_adapter_honours_retry_after(fakes):
+    """A busy server (503 + Retry-After) is asked again only after the time it gave, like requests."""
+    lora = vllm_with_lora()
+
+    def respond(fake, method, path, body):
+        if path == "/v1/load_lora_adapter" and len(fake.posts("/load_lora_adapter")) == 1:
+            return 503, {"error": {"message": "busy"}}, {"Retry-After": "0.3"}
+        return lora(fake, method, path, body)
+
+    server = fakes(respond)
+    engine(server.url).add_adapter("policy", "/shared/policy")
+    loads = [t for t, method, path, _ in server.seen if path == "/v1/load_lora_adapter"]
+    assert len(loads) == 2 and loads[1] - loads[0] >= 0.3
+
+
 def test_adapter_given_at_start_is_loaded(fakes):
     server = fakes(vllm_with_lora())
     OpenAIEngine("served-model", OpenAISettings(base_urls=(server.url,)), adapters={"sft": "/shared/sft"})

@@ -373,8 +373,9 @@ class OpenAIEngine:
             return None
 
     def _call(self, client: httpx.Client, server: Server, path: str, body: dict | None) -> httpx.Response:
-        """One management request (POST `body`, or GET without one), retried like a generation
-        request while the server is unreachable or busy; a server still failing is an error."""
+        """One management request (POST `body`, or GET without one) to this very server, retried
+        after the fleet's cool-down for it (Retry-After included) while it is unreachable or busy;
+        a server still failing is an error."""
         headers = self._headers()
         auth = None if headers else server.auth
         problem = ""
@@ -386,13 +387,15 @@ class OpenAIEngine:
                     response = client.post(server.base_url + path, json=body, headers=headers,
                                            auth=auth or httpx.USE_CLIENT_DEFAULT)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                problem = type(exc).__name__
+                problem, retry_after = type(exc).__name__, None
             else:
                 if response.status_code not in RETRYABLE:
+                    self._fleet.succeeded(server)
                     return response
-                problem = f"HTTP {response.status_code}"
+                problem, retry_after = f"HTTP {response.status_code}", retry_after_s(response.headers.get("retry-after"))
+            wait = self._fleet.failed(server, retry_after)  # the same cool-down (and Retry-After) as requests
             if attempt < self.settings.max_retries:
-                time.sleep(min(self.settings.backoff_s * 2**attempt, self.settings.cooldown_s))
+                time.sleep(wait)
         raise CaiError(f"{server.shown}{path} kept failing ({problem}) after {self.settings.max_retries} retries")
 
 

@@ -111,18 +111,19 @@ class EngineActor:
             self.adapters[name] = digest
         return name
 
-    def generate(self, shard: int, prompts: list, sampling: SamplingSettings, adapter, seeds: list[int] | None):
+    def _begin(self, shard: int, adapter) -> str | None:
+        """The test kill point of this shard, then the adapter's name on this actor's engine."""
         from cai import testing_hooks
 
         testing_hooks.checkpoint(f"ray.actor.shard{shard}")
-        name = self._attach(adapter)
+        return self._attach(adapter)
+
+    def generate(self, shard: int, prompts: list, sampling: SamplingSettings, adapter, seeds: list[int] | None):
+        name = self._begin(shard, adapter)
         return shard, self.engine.generate(prompts, sampling, adapter=name, seeds=seeds), os.getpid()
 
     def score_choices(self, shard: int, prompts: list, choices: list[str], adapter):
-        from cai import testing_hooks
-
-        testing_hooks.checkpoint(f"ray.actor.shard{shard}")
-        name = self._attach(adapter)
+        name = self._begin(shard, adapter)
         return shard, self.engine.score_choices(prompts, choices, adapter=name), os.getpid()
 
     def pid(self) -> int:
