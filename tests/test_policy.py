@@ -195,5 +195,7 @@ def test_dpo_after_sft_saves_one_adapter_for_the_plain_base(tiny_causal_lm_dir, 
         delta_only, _ = load_with_adapter(tiny_causal_lm_dir, tmp_path / "dpo" / "stage_adapter")
         wrong = delta_only(ids).logits
     assert json.loads((tmp_path / "dpo" / "adapter" / "adapter_config.json").read_text())["r"] == 8 + 4
-    assert torch.allclose(got, expected, atol=1e-5)
+    # Merged-then-adapter and stacked adapters add the same terms in another order: float32 rounding
+    # only (1.5e-5 measured), against 1.29 for the wrong model below.
+    assert torch.allclose(got, expected, atol=1e-4)
     assert not torch.allclose(wrong, expected, atol=1e-3)  # the DPO delta alone is a different model

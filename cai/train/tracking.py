@@ -78,7 +78,11 @@ def train(trainer, out_dir: Path | str, stage: str, resume: str | None):
     """`trainer.train(resume)` with a progress bar and the trackers routed; returns its result.
 
     The bar is closed however training ends, so an exception leaves a usable terminal and a last
-    line in the log saying where it stopped."""
+    line in the log saying where it stopped. Every TRL trainer of cai trains through here, so this is
+    also where TRL's LM head gets cai's CPU path (`cai.train.cpu_head`)."""
+    from cai.train import cpu_head
+
+    cpu_head.install()
     progress = _training_progress_class()(stage)
     trainer.add_callback(progress)
     route_trackers(trainer, out_dir, stage)
