@@ -85,18 +85,24 @@ def texts(generations: Sequence[Generation]) -> list[str]:
 
 def run_sycophancy(answer: Answer, items: Sequence, settings: SycophancySettings) -> dict:
     """Flip rate of each model on the probe set (definition in `cai.eval_sycophancy`)."""
-    from cai.eval_sycophancy import DEFAULT_TEMPLATE, flip_rate, probe_messages
+    from cai.eval_sycophancy import DEFAULT_TEMPLATE, flip_rate
 
-    template = settings.template or DEFAULT_TEMPLATE
-    pairs = [probe_messages(item, template) for item in items]
-    neutral = [ChatPrompt.of(n) for n, _ in pairs]
-    biased = [ChatPrompt.of(b) for _, b in pairs]
-    result: dict = {"items": len(items), "template": template}
+    (neutral_tag, neutral, sampling), (biased_tag, biased, _) = sycophancy_requests(items, settings)
+    result: dict = {"items": len(items), "template": settings.template or DEFAULT_TEMPLATE}
     for model in MODELS:
-        neutral_texts = texts(answer(model, neutral, greedy(settings.max_tokens), "sycophancy-neutral"))
-        biased_texts = texts(answer(model, biased, greedy(settings.max_tokens), "sycophancy-biased"))
+        neutral_texts = texts(answer(model, neutral, sampling, neutral_tag))
+        biased_texts = texts(answer(model, biased, sampling, biased_tag))
         result[model] = flip_rate(items, neutral_texts, biased_texts)
     return result
+
+
+def sycophancy_requests(items: Sequence, settings: SycophancySettings) -> list[tuple[str, list[ChatPrompt], SamplingSettings]]:
+    """(tag, prompts, sampling) of the probe's two generations per model: neutral and biased."""
+    from cai.eval_sycophancy import DEFAULT_TEMPLATE, probe_messages
+
+    pairs = [probe_messages(item, settings.template or DEFAULT_TEMPLATE) for item in items]
+    return [("sycophancy-neutral", [ChatPrompt.of(n) for n, _ in pairs], greedy(settings.max_tokens)),
+            ("sycophancy-biased", [ChatPrompt.of(b) for _, b in pairs], greedy(settings.max_tokens))]
 
 
 def detector_rates(refusal_judge: RefusalJudge, prompts: Sequence[Prompt], answers: Sequence[str]) -> dict:

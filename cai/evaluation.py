@@ -44,7 +44,7 @@ from cai.eval_judge import RELIABLE_LOWER_BOUND, CalibrationRow, Judge, check_pr
 from cai.eval_kl import KLSettings, estimate_kl, estimate_kl_on_engine
 from cai.eval_length import length_controlled_win_rate, length_correlation, paired_length_difference
 from cai.eval_probes import (RefusalSettings, SycophancySettings, XSTestSettings, primary_detector,
-                             run_sycophancy, score_xstest, texts, validate_detectors)
+                             run_sycophancy, score_xstest, sycophancy_requests, texts, validate_detectors)
 from cai.eval_probes import greedy as probe_greedy
 from cai.eval_stats import mean_interval, rate
 from cai.labeling import LabelRun, LabelSettings, Pair, human_eval_pairs
@@ -65,6 +65,16 @@ def generate_once(engine: Engine, requests: Sequence[ChatPrompt], sampling: Samp
     """`engine.generate`, kept in `cache` so a rerun with the same key skips the generation; a
     file in `elsewhere` with the same key (the same model, adapter weights, prompts and settings,
     e.g. the baseline's answers in an earlier iteration's eval) is reused too."""
+    generations = kept_generations(cache, key, elsewhere)
+    if generations is None:
+        generations = engine.generate(requests, sampling, adapter=adapter)
+        keep_generations(cache, key, generations)
+    return generations
+
+
+def kept_generations(cache: Path, key: str, elsewhere: Sequence[Path] = ()) -> list[Generation] | None:
+    """The generations kept under `key` in `cache` (or in a file of `elsewhere`, then copied to
+    `cache`), else None."""
     for kept_in in (cache, *elsewhere):
         try:
             kept = json.loads(kept_in.read_text())
@@ -75,9 +85,11 @@ def generate_once(engine: Engine, requests: Sequence[ChatPrompt], sampling: Samp
                 return generations
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             pass
-    generations = engine.generate(requests, sampling, adapter=adapter)
+    return None
+
+
+def keep_generations(cache: Path, key: str, generations: Sequence[Generation]) -> None:
     store.write_json_atomic(cache, {"key": key, "generations": [asdict(g) for g in generations]})
-    return generations
 
 
 def _split(flags: Sequence[float], kinds: Sequence[str]) -> dict:
@@ -161,24 +173,39 @@ def evaluate_policy(
     out_dir.mkdir(parents=True, exist_ok=True)
     models = {"policy": (policy_adapter, policy_adapter_path), "baseline": (baseline_adapter, baseline_adapter_path)}
 
-    def answer(name: str, batch: list[ChatPrompt], sampling: SamplingSettings, tag: str = "") -> list[Generation]:
+    def kept_as(name: str, batch: list[ChatPrompt], sampling: SamplingSettings, tag: str = "") -> tuple[Path, str, list[Path]]:
+        """Where a model's answers to `batch` are kept: (file, key, the same file in earlier evals)."""
         adapter, path = models[name]
         key = store.stable_id(engine.model, engine.name, adapter, adapter_digest(path), [r.messages for r in batch], asdict(sampling))
         file = f"answers-{name}{'-' + tag if tag else ''}.json"
-        return generate_once(engine, batch, sampling, adapter, out_dir / file, key, [folder / file for folder in earlier])
+        return out_dir / file, key, [folder / file for folder in earlier]
 
+    def answer(name: str, batch: list[ChatPrompt], sampling: SamplingSettings, tag: str = "") -> list[Generation]:
+        return generate_once(engine, batch, sampling, models[name][0], *kept_as(name, batch, sampling, tag))
+
+    requests_xs = [ChatPrompt.of(s.prompt.messages) for s in safety]
+    planned = [("", requests, greedy)] + (sycophancy_requests(sycophancy_items, sycophancy) if sycophancy_items else []) \
+        + ([("xstest", requests_xs, probe_greedy(xstest.max_tokens))] if safety else [])
+
+    def prefetch(name: str) -> None:
+        """All of one model's greedy answers (held-out prompts, probes) as one engine batch where the
+        engine can (vLLM): the small sets share decode steps, and merged weights are loaded once
+        per model instead of once per set. Kept where `answer` finds them."""
+        if not hasattr(engine, "generate_groups"):
+            return
+        missing = [(batch, sampling, kept_as(name, batch, sampling, tag)) for tag, batch, sampling in planned]
+        missing = [m for m in missing if kept_generations(*m[2]) is None]
+        if len(missing) > 1:
+            generated = engine.generate_groups([(batch, sampling) for batch, sampling, _ in missing], adapter=models[name][0])
+            for (_, _, (cache, key, _)), generations in zip(missing, generated):
+                keep_generations(cache, key, generations)
+
+    # Each model's work is done while its weights are loaded: the policy's answers, then the KL
+    # estimate (sampled from the policy, scored by the baseline), then the baseline's answers.
     answers = {}
-    for name in models:
-        answers[name] = answer(name, requests, greedy)
-        done(f"{len(requests)} greedy answers from the {name}")
-    probes: dict = {}
-    if sycophancy_items:
-        probes["sycophancy"] = run_sycophancy(answer, sycophancy_items, sycophancy)
-        done(f"sycophancy probe: {len(sycophancy_items)} questions with and without a stated wrong belief, both models")
-    if safety:
-        requests_xs = [ChatPrompt.of(s.prompt.messages) for s in safety]
-        xstest_answers = {m: texts(answer(m, requests_xs, probe_greedy(xstest.max_tokens), "xstest")) for m in models}
-        done(f"XSTest-style set: {len(safety)} answers from each model")
+    prefetch("policy")
+    answers["policy"] = answer("policy", requests, greedy)
+    done(f"{len(requests)} greedy answers from the policy" + (" (and its probe answers)" if len(planned) > 1 else ""))
     # On vLLM the engine samples and scores the KL estimate itself, before it is handed back.
     kl_tokens = kl.max_tokens or max_tokens
     digests = [adapter_digest(policy_adapter_path), adapter_digest(baseline_adapter_path)]
@@ -188,6 +215,16 @@ def evaluate_policy(
             engine, prompts, out_dir / "kl_samples.json", policy=policy_adapter, reference=baseline_adapter,
             reference_name=baseline_name, settings=kl, max_tokens=kl_tokens, seed=seed, adapter_digests=digests)
         done(f"KL to the {baseline_name} model on {kl_on_engine['n']} sampled responses")
+    prefetch("baseline")
+    answers["baseline"] = answer("baseline", requests, greedy)
+    done(f"{len(requests)} greedy answers from the baseline" + (" (and its probe answers)" if len(planned) > 1 else ""))
+    probes: dict = {}
+    if sycophancy_items:
+        probes["sycophancy"] = run_sycophancy(answer, sycophancy_items, sycophancy)
+        done(f"sycophancy probe: {len(sycophancy_items)} questions with and without a stated wrong belief, both models")
+    if safety:
+        xstest_answers = {m: texts(answer(m, requests_xs, probe_greedy(xstest.max_tokens), "xstest")) for m in models}
+        done(f"XSTest-style set: {len(safety)} answers from each model")
     if free_device:
         free_device()
     policy_out, baseline_out = answers["policy"], answers["baseline"]

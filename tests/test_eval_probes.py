@@ -80,9 +80,9 @@ def answer_for(item_by_question, sycophantic: bool, refuse: bool, long: bool):
     return reply
 
 
-def run_eval(tmp_path, policy, baseline, judge, *, red=3, benign=3, completions=()) -> dict:
+def run_eval(tmp_path, policy, baseline, judge, *, red=3, benign=3, completions=(), engine_class=None) -> dict:
     by_question = {item.question: item for item in ITEMS}
-    engine = Policy({"policy": answer_for(by_question, **policy), "baseline": answer_for(by_question, **baseline)})
+    engine = (engine_class or Policy)({"policy": answer_for(by_question, **policy), "baseline": answer_for(by_question, **baseline)})
     red_team = [Prompt(f"r{i}", ({"role": "user", "content": f"harmful request {i}"},)) for i in range(red)]
     benign_prompts = [Prompt(f"b{i}", ({"role": "user", "content": f"benign request {i}"},)) for i in range(benign)]
     calibration = load_calibration(DATA / "judge_calibration.jsonl")
@@ -215,3 +215,40 @@ def test_the_recipe_runs_every_probe_and_the_harness_on_policy_and_baseline(tiny
     assert metrics["harness"]["models"]["baseline"]["adapter"] == str(tmp_path / "run" / "sft" / "adapter")
     markdown = (tmp_path / "run" / "report.md").read_text()
     assert "| cai_probe_mc: acc |" in markdown and "sycophancy: flips to the user's wrong belief" in markdown
+
+
+class BatchingPolicy(Policy):
+    """`Policy` that also takes several sets in one call, as the vLLM engine does, and records
+    which weights (adapter) every call ran on."""
+
+    def __init__(self, behaviour):
+        super().__init__(behaviour)
+        self.calls = []
+
+    def generate(self, prompts, sampling, adapter=None, seeds=None):
+        self.calls.append(("generate", adapter, len(prompts)))
+        return super().generate(prompts, sampling, adapter, seeds)
+
+    def generate_groups(self, groups, adapter=None):
+        self.calls.append(("groups", adapter, [len(p) for p, _ in groups]))
+        return [Policy.generate(self, p, s, adapter) for p, s in groups]
+
+
+def test_each_models_answers_come_in_one_batch_and_give_the_same_metrics(tmp_path):
+    """The eval's greedy sets (held-out prompts, sycophancy neutral and biased, XSTest) go to the
+    engine as one batch per model, so merged weights are loaded twice instead of six times."""
+    engines = []
+
+    def batching(behaviour):
+        engines.append(BatchingPolicy(behaviour))
+        return engines[-1]
+
+    behaviour = ({**PLAIN, "sycophantic": True}, PLAIN, Judge(never_yes, prefer_longer))
+    plain = run_eval(tmp_path / "plain", *behaviour)
+    batched = run_eval(tmp_path / "batched", *behaviour, engine_class=batching)
+    assert batched == plain
+    sets = [6, 8, 8, len(SAFETY)]  # 3 red-team + 3 benign, sycophancy neutral and biased, XSTest
+    assert engines[0].calls == [("groups", "policy", sets), ("groups", "baseline", sets)]
+    # A rerun finds every answer kept: no engine call at all.
+    assert run_eval(tmp_path / "batched", *behaviour, engine_class=batching) == plain
+    assert engines[1].calls == []

@@ -119,6 +119,25 @@ def test_vllm_swaps_merged_adapter_weights_in_place(swap_engine):
         assert ours == pytest.approx(theirs, abs=2e-3)
 
 
+def test_vllm_generate_groups_gives_each_set_its_own_settings(swap_engine):
+    """The eval's batched sets: one vLLM call, each set with its own length limit and stop, the
+    rows of separate `generate` calls (greedy: equal but for at most one near-tie per set)."""
+    engine, _ = swap_engine
+    prompts = [ChatPrompt.of([{"role": "user", "content": q}]) for q in QUESTIONS]
+    groups = [(prompts[:3], SamplingSettings(temperature=0.0, max_tokens=24)),
+              (prompts[1:], SamplingSettings(temperature=0.0, max_tokens=6)),
+              (prompts[2:], SamplingSettings(temperature=0.0, max_tokens=24, stop=(".",)))]
+    together = engine.generate_groups(groups, adapter="policy")
+    assert [len(rows) for rows in together] == [3, 3, 2]
+    for rows, (group, sampling) in zip(together, groups):
+        alone = engine.generate(group, sampling, adapter="policy")
+        assert sum(a.texts == b.texts for a, b in zip(rows, alone)) >= len(group) - 1
+        assert [r.prompt_tokens for r in rows] == [a.prompt_tokens for a in alone]
+        assert all(c <= sampling.max_tokens for r in rows for c in r.completion_tokens)
+        assert all("." not in t for r in rows for t in r.texts) if sampling.stop else True
+    assert max(c for r in together[0] for c in r.completion_tokens) > 6  # the 6-token limit is the second set's only
+
+
 def test_vllm_kl_logprobs_match_transformers(swap_engine):
     """The eval's KL on vLLM: the sampler's log-probabilities of the sampled ids equal a prefill's
     under the same weights, the reference's equal transformers' on the same ids, samples stop at

@@ -230,33 +230,24 @@ class VLLMEngine:
         adapter: str | None = None,
         seeds: Sequence[int] | None = None,
     ) -> list[Generation]:
-        from vllm import SamplingParams
-
-        def params(seed: int | None) -> SamplingParams:
-            return SamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                seed=seed,
-                stop=list(sampling.stop) or None,
-            )
-
-        per_request = [params(s) for s in seeds] if seeds is not None else params(sampling.seed)
+        per_request = [_params(sampling, s) for s in seeds] if seeds is not None else _params(sampling, sampling.seed)
         outputs = self.llm.generate(
             self._token_prompts(prompts), per_request, lora_request=self._lora(adapter), use_tqdm=False
         )
-        generations = []
-        for output in outputs:
-            texts, counts, reasons = [], [], []
-            for completion in sorted(output.outputs, key=lambda c: c.index):
-                text, stopped = truncate_at_stop(completion.text, sampling.stop)
-                texts.append(text)
-                counts.append(len(completion.token_ids))
-                reasons.append("stop" if stopped or completion.finish_reason == "stop" else "length")
-            generations.append(Generation(texts, len(output.prompt_token_ids or []), counts, reasons,
-                                          cached_tokens=output.num_cached_tokens or 0))
-        return generations
+        return [_generation(output, sampling) for output in outputs]
+
+    def generate_groups(
+        self, groups: Sequence[tuple[Sequence[ChatPrompt], SamplingSettings]], adapter: str | None = None
+    ) -> list[list[Generation]]:
+        """Several `generate` calls (each its own prompts and settings, no per-request seeds) as one
+        vLLM batch: the evaluation's small sets share the decode steps instead of each draining
+        its own batch (the rows are the ones `generate` gives, to float rounding of batch shapes)."""
+        prompts = [p for group, _ in groups for p in group]
+        params = [_params(sampling, sampling.seed) for group, sampling in groups for _ in group]
+        if not prompts:
+            return [[] for _ in groups]
+        outputs = iter(self.llm.generate(self._token_prompts(prompts), params, lora_request=self._lora(adapter), use_tqdm=False))
+        return [[_generation(next(outputs), sampling) for _ in group] for group, sampling in groups]
 
     def score_choices(
         self, prompts: Sequence[ChatPrompt], choices: Sequence[str], adapter: str | None = None
@@ -329,3 +320,20 @@ class VLLMEngine:
 
         del self.llm
         gc.collect()
+
+
+def _params(sampling: SamplingSettings, seed: int | None):
+    from vllm import SamplingParams
+
+    return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                          max_tokens=sampling.max_tokens, seed=seed, stop=list(sampling.stop) or None)
+
+
+def _generation(output, sampling: SamplingSettings) -> Generation:
+    texts, counts, reasons = [], [], []
+    for completion in sorted(output.outputs, key=lambda c: c.index):
+        text, stopped = truncate_at_stop(completion.text, sampling.stop)
+        texts.append(text)
+        counts.append(len(completion.token_ids))
+        reasons.append("stop" if stopped or completion.finish_reason == "stop" else "length")
+    return Generation(texts, len(output.prompt_token_ids or []), counts, reasons, cached_tokens=output.num_cached_tokens or 0)

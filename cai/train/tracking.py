@@ -79,10 +79,12 @@ def train(trainer, out_dir: Path | str, stage: str, resume: str | None):
 
     The bar is closed however training ends, so an exception leaves a usable terminal and a last
     line in the log saying where it stopped. Every TRL trainer of cai trains through here, so this is
-    also where TRL's LM head gets cai's CPU path (`cai.train.cpu_head`)."""
-    from cai.train import cpu_head
+    also where cai's CPU paths go in: TRL's LM head (`cai.train.cpu_head`) and LoRA dropout
+    (`cai.train.cpu_dropout`)."""
+    from cai.train import cpu_dropout, cpu_head
 
     cpu_head.install()
+    cpu_dropout.replace_lora_dropout(trainer.model)
     progress = _training_progress_class()(stage)
     trainer.add_callback(progress)
     route_trackers(trainer, out_dir, stage)
