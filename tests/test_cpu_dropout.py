@@ -81,3 +81,20 @@ def test_sft_trains_with_the_gap_dropout(tiny_causal_lm_dir, tmp_path, monkeypat
     train_sft(write_sft(tmp_path / "sft.jsonl"), str(tiny_causal_lm_dir), tmp_path / "sft",
               small(max_steps=2, lora=LoraSettings(r=4, alpha=8, dropout=0.1)))
     assert calls and set(calls) == {0.1}
+
+
+def test_gap_dropout_equals_the_masked_product_bit_for_bit():
+    """`_ScaleAndDrop` is `x * mask` for the full mask, forward and backward, without building it."""
+    from cai.train.cpu_dropout import _ScaleAndDrop
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 24, requires_grad=True)
+    positions = dropped_positions(x.numel(), 0.1)
+    mask = torch.full_like(x, 1 / 0.9)
+    mask.view(-1)[positions] = 0
+    upstream = torch.randn_like(x)
+    want = x * mask
+    (want_grad,) = torch.autograd.grad(want, x, upstream)
+    got = _ScaleAndDrop.apply(x, positions, 1 / 0.9)
+    (got_grad,) = torch.autograd.grad(got, x, upstream)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)

@@ -11,8 +11,10 @@ the same share of every reward-model and DPO step.
 trials the gaps between successive successes are independent Geometric(p) variables, so
 drawing the gaps and accumulating them gives the dropped positions exactly, with about p·n
 draws instead of n (p = 0.05: 1/20 of the random numbers). Kept elements are scaled by
-1/(1-p) as in `nn.Dropout`, the mask is saved for backward by autograd as usual, and in eval
-mode (or at p = 0) it is the identity. The random stream differs from torch's, so a run's
+1/(1-p) as in `nn.Dropout`, and in eval mode (or at p = 0) it is the identity. No mask tensor
+is built: forward and backward scale the whole tensor and zero the dropped positions, and only
+those positions (~p·n indices) are kept for backward (`_ScaleAndDrop`), which is one full-size
+write less per LoRA module than `x * mask` and the same numbers bit for bit. The random stream differs from torch's, so a run's
 losses differ from the `nn.Dropout` ones in the way two seeds differ. GPUs draw fast and keep
 `nn.Dropout`.
 """
@@ -42,6 +44,26 @@ def dropped_positions(n: int, p: float, draws: int | None = None) -> torch.Tenso
     return positions[positions < n]
 
 
+class _ScaleAndDrop(torch.autograd.Function):
+    """x * mask for the mask that is `scale` everywhere and 0 at `positions` (flat indices of a
+    contiguous tensor), without materialising the mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+        out = x.contiguous() * scale
+        out.view(-1)[positions] = 0
+        ctx.save_for_backward(positions)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (positions,) = ctx.saved_tensors
+        grad_x = grad.contiguous() * ctx.scale
+        grad_x.view(-1)[positions] = 0
+        return grad_x, None, None
+
+
 class GapDropout(nn.Module):
     """`nn.Dropout(p)` in distribution, with gap-sampled masks (see the module docstring)."""
 
@@ -54,9 +76,7 @@ class GapDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        mask = torch.full_like(x, 1 / (1 - self.p))
-        mask.view(-1)[dropped_positions(x.numel(), self.p)] = 0
-        return x * mask
+        return _ScaleAndDrop.apply(x, dropped_positions(x.numel(), self.p), 1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from cai import cards, chat, models, runtime, store, trl_args
-from cai.train import tracking
+from cai.train import packing, tracking
 from cai.errors import CaiError
 from cai.lora import keep_trainable_fp32, peft_config, prepare_quantized, quantization_config
 from cai.train.policy import TrainSettings
@@ -81,15 +81,16 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             chosen_prob = inputs.pop("chosen_prob")
             weights = inputs.pop("loss_weight")
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-            rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            # The rewards from packed rows on a CPU (cai.train.packing), as the padded forward gives them.
+            logits = packing.sequence_scores(model, inputs["input_ids"], inputs["attention_mask"])
+            rewards_chosen, rewards_rejected = torch.chunk(logits.squeeze(-1), chunks=2)
             loss = soft_bradley_terry_loss(rewards_chosen, rewards_rejected, chosen_prob.to(rewards_chosen.dtype), weights.to(rewards_chosen.dtype))
             mode = "train" if self.model.training else "eval"
             with torch.no_grad():
                 self._metrics[mode]["accuracy"].append((rewards_chosen > rewards_rejected).float().mean().item())
                 self._metrics[mode]["margin"].append((rewards_chosen - rewards_rejected).mean().item())
-                self._metrics[mode]["mean_reward"].append(outputs.logits.mean().item())
-            return (loss, outputs) if return_outputs else loss
+                self._metrics[mode]["mean_reward"].append(logits.mean().item())
+            return (loss, {"logits": logits}) if return_outputs else loss
 
     return SoftLabelRewardTrainer, SoftLabelCollator
 

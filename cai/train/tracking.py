@@ -79,12 +79,15 @@ def train(trainer, out_dir: Path | str, stage: str, resume: str | None):
 
     The bar is closed however training ends, so an exception leaves a usable terminal and a last
     line in the log saying where it stopped. Every TRL trainer of cai trains through here, so this is
-    also where cai's CPU paths go in: TRL's LM head (`cai.train.cpu_head`) and LoRA dropout
-    (`cai.train.cpu_dropout`)."""
-    from cai.train import cpu_dropout, cpu_head
+    also where cai's CPU paths go in: TRL's LM head (`cai.train.cpu_head`), LoRA dropout
+    (`cai.train.cpu_dropout`) and packed rows instead of padded ones (`cai.train.packing`)."""
+    from cai.train import cpu_dropout, cpu_head, packing
 
     cpu_head.install()
     cpu_dropout.replace_lora_dropout(trainer.model)
+    for model in (trainer.model, getattr(trainer, "ref_model", None)):
+        if model is not None:
+            packing.install(model)
     progress = _training_progress_class()(stage)
     trainer.add_callback(progress)
     route_trackers(trainer, out_dir, stage)
