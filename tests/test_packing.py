@@ -71,8 +71,9 @@ def test_packed_forward_equals_padded(tiny_causal_lm_dir):
     ids, mask, labels = _batch()
     model = _model(tiny_causal_lm_dir)
     want, want_grads = _run(model, ids, mask, labels)
-    calls = _backbone_calls(model)
     assert packing.install(model) and not packing.install(model)  # idempotent
+    assert packing.honours_packing(model.get_base_model())  # the one-off probe, before counting calls
+    calls = _backbone_calls(model)
     got, got_grads = _run(model, ids, mask, labels)
     assert calls == [torch.Size([4, 23])]  # 6 padded rows of 25 -> 4 packed rows of 23
     assert got.log_probs.shape == want.log_probs.shape
@@ -152,6 +153,7 @@ def test_sequence_scores_equal_the_padded_classifier(tiny_classifier_dir):
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     want, want_grads = run(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    assert packing.honours_packing(model.get_base_model())
     calls = _backbone_calls(model)
     before = packing.STATS["packed_calls"]
     got, got_grads = run(lambda: packing.sequence_scores(model, ids, mask))
@@ -160,3 +162,60 @@ def test_sequence_scores_equal_the_padded_classifier(tiny_classifier_dir):
     assert want_grads.keys() == got_grads.keys() and any("score" in n for n in want_grads)
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _opt_config(**extra):
+    from transformers import OPTConfig
+
+    return OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                     word_embed_proj_dim=32, pad_token_id=0, attn_implementation="sdpa", **extra)
+
+
+def _opt():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(_opt_config(), attn_implementation="sdpa")
+
+
+def test_an_architecture_that_ignores_packed_positions_is_not_packed():
+    """OPT builds its positions from the attention mask: packed rows would attend across
+    sequences. The probe finds it, and the fused-head calls stay padded and exact."""
+    ids, mask, labels = _batch()
+    model = _opt()
+    assert not packing.honours_packing(model)
+    model.train()
+    trl_utils.add_fused_lm_head(model)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+        packing.install(model)
+        seen = []
+        model.model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape), with_kwargs=True)
+        got = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+    assert seen == [ids.shape]
+    torch.testing.assert_close(got.log_probs, want.log_probs)
+
+
+def test_the_probe_leaves_each_module_in_its_mode(tiny_causal_lm_dir):
+    model = _model(tiny_causal_lm_dir, dropout=0.1)
+    model.train()
+    model.get_base_model().lm_head.eval()  # a module deliberately in eval mode stays so
+    inner = model.get_base_model()
+    assert packing.honours_packing(inner)
+    assert inner.training and not inner.lm_head.training
+    assert all(m.training for n, m in inner.named_modules() if "lora_dropout" in n)
+
+
+def test_reward_scores_of_such_an_architecture_stay_padded():
+    from transformers import OPTForSequenceClassification
+
+    ids, mask, _ = _batch()
+    torch.manual_seed(0)
+    model = OPTForSequenceClassification(_opt_config(num_labels=1))
+    assert model.config._attn_implementation == "sdpa"  # a packing candidate but for the probe
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = packing.sequence_scores(model, ids, mask)
+    torch.testing.assert_close(got, want)
