@@ -14,9 +14,9 @@ draws instead of n (p = 0.05: 1/20 of the random numbers). Kept elements are sca
 1/(1-p) as in `nn.Dropout`, and in eval mode (or at p = 0) it is the identity. No mask tensor
 is built: forward and backward scale the whole tensor and zero the dropped positions, and only
 those positions (~p·n indices) are kept for backward (`_ScaleAndDrop`), which is one full-size
-write less per LoRA module than `x * mask` and the same numbers bit for bit. The random stream differs from torch's, so a run's
-losses differ from the `nn.Dropout` ones in the way two seeds differ. GPUs draw fast and keep
-`nn.Dropout`.
+write less per LoRA module than `x * mask` and the same numbers bit for bit. The random stream
+differs from torch's, so a run's losses differ from the `nn.Dropout` ones in the way two seeds
+differ. GPUs draw fast and keep `nn.Dropout`.
 """
 
 from __future__ import annotations
