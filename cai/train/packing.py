@@ -91,9 +91,9 @@ class Packing:
         return cls(lengths, bins, capacity, attention_mask.size(1))
 
     @functools.cached_property
-    def _flat_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _flat_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(source flat index into the padded batch, destination flat index into the packed batch)
-        for every real token, and the start of every sequence in the packed batch."""
+        for every real token, and the packed flat index where each sequence starts."""
         source, target, starts = [], [], []
         for b, rows in enumerate(self.bins):
             offset = 0
@@ -103,12 +103,11 @@ class Packing:
                 target.append(torch.arange(n) + b * self.capacity + offset)
                 starts.append(b * self.capacity + offset)
                 offset += n
-        self._starts = torch.tensor(starts)
-        return torch.cat(source), torch.cat(target)
+        return torch.cat(source), torch.cat(target), torch.tensor(starts)
 
     def pack(self, values: torch.Tensor, fill) -> torch.Tensor:
         """A (B, L) tensor as (P, C), `fill` in each packed row's unused tail."""
-        source, target = self._flat_index
+        source, target, _ = self._flat_index
         out = values.new_full((len(self.bins) * self.capacity,), fill)
         out[target.to(values.device)] = values.reshape(-1)[source.to(values.device)]
         return out.view(len(self.bins), self.capacity)
@@ -127,14 +126,13 @@ class Packing:
 
     def labels(self, labels: torch.Tensor) -> torch.Tensor:
         packed = self.pack(labels, -100).reshape(-1)
-        self._flat_index  # noqa: B018  (sets _starts)
-        packed[self._starts.to(packed.device)] = -100  # nothing predicts a sequence's first token
+        packed[self._flat_index[2].to(packed.device)] = -100  # nothing predicts a sequence's first token
         return packed.view(len(self.bins), self.capacity)
 
     def unpack_shifted(self, values: torch.Tensor) -> torch.Tensor:
         """A per-token output of the shifted positions, (P, C - 1), back to (B, L - 1) with 0 (False)
         at padding; differentiable (a gather)."""
-        source, target = self._flat_index
+        source, target, _ = self._flat_index
         rows = len(self.lengths)
         # Packed position t (< C - 1) predicts token t + 1, so padded position s of a row maps to packed s.
         keep = (source % self.width) < (self.width - 1)
@@ -147,6 +145,12 @@ class Packing:
         out = flat.new_zeros(rows * (self.width - 1))
         out = out.index_copy(0, src.to(flat.device), flat.index_select(0, dst.to(flat.device)))
         return out.view(rows, self.width - 1)
+
+
+def _count(plan: Packing) -> None:
+    STATS["packed_calls"] += 1
+    STATS["rows_in"] += len(plan.lengths)
+    STATS["rows_out"] += len(plan.bins)
 
 
 def _probe_error(inner) -> float:
@@ -169,7 +173,7 @@ def _probe_error(inner) -> float:
     finally:
         for module, training in modes:
             module.training = training
-    source, target = plan._flat_index
+    source, target, _ = plan._flat_index
     want = padded.reshape(-1, padded.size(-1))[source].float()
     got = packed.reshape(-1, packed.size(-1))[target].float()
     return float((want - got).abs().max() / want.abs().max().clamp_min(1e-6))
@@ -212,9 +216,7 @@ def packed_forward(forward, model, kwargs: dict):
     inner["attention_mask"] = None
     inner["position_ids"] = plan.position_ids(kwargs["input_ids"].device)
     outputs = forward(**inner)
-    STATS["packed_calls"] += 1
-    STATS["rows_in"] += len(plan.lengths)
-    STATS["rows_out"] += len(plan.bins)
+    _count(plan)
     for name in PER_TOKEN_FIELDS:
         value = getattr(outputs, name, None)
         if isinstance(value, torch.Tensor) and value.shape == (len(plan.bins), plan.capacity - 1):
@@ -257,11 +259,9 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     # transformers reads the rightmost token that is not the pad id (0 when there is none).
     positions = torch.arange(input_ids.size(1), device=input_ids.device)
     last = (positions * (input_ids != config.pad_token_id)).argmax(dim=1)
-    source, target = plan._flat_index
+    source, target, _ = plan._flat_index
     where = torch.empty(len(plan.lengths) * plan.width, dtype=torch.long)
     where[source] = target
     rows = torch.arange(len(plan.lengths)) * plan.width + last.cpu()
-    STATS["packed_calls"] += 1
-    STATS["rows_in"] += len(plan.lengths)
-    STATS["rows_out"] += len(plan.bins)
+    _count(plan)
     return inner.score(hidden.reshape(-1, hidden.size(-1))[where[rows].to(hidden.device)])
