@@ -26,7 +26,12 @@ seconds, engine starts included, when those are unknown: `fraction_of` says whic
   sequence, DPO's chosen and rejected both) over `train_seconds`; rm: blend/train.jsonl tokenised
   the way cai.train.reward does (both sides, less `truncated_tokens`) over its work seconds (rm reports
   no train_seconds, so model loading and eval scoring count against it).
-- blend, eval: time only (eval's summary counts no tokens).
+- eval: phase by phase from eval/summary.json (`cai.eval_work`): greedy answers and the KL
+  samples as generation (the samples' prefill left out: the engine does not say what its cache
+  served), the KL reference's prompt log-probabilities as prefill with the LM head on every token,
+  the judge's one-token reads and the reward model's scores as prefill. A run written before cai
+  counted the eval's work: time only.
+- blend: time only.
 Totals: wall (a timed run only), sum of stages, engine starts. With --label the result is stored
 under that label, beside the labels already in the file, and a Markdown table of all labels is
 printed: stage | <label> s ... | roofline fraction (of the last label).
@@ -159,6 +164,40 @@ def label_stage(roof: dict, folder: Path, summary: dict) -> dict:
             "reads": reads, "bound_seconds": computed / prefill_bound(roof, mean_prompt), "prefill_counted": True}
 
 
+def eval_phase_bound(roof: dict, work: dict) -> tuple[float, bool]:
+    """(bound seconds, whether every prompt's prefill was counted) for one eval phase's work."""
+    bound, counted = 0.0, True
+    for kind, w in work.items():
+        if not w["requests"]:
+            continue
+        cached = w["cached_prompt_tokens"]
+        if kind in ("generate", "sample"):
+            if cached is None:
+                counted = False
+            computed = 0 if cached is None else w["prompt_tokens"] - cached
+            mean_prompt = w["prompt_tokens"] / w["requests"]
+            context = mean_prompt + w["completion_tokens"] / max(w["sequences"], 1) / 2
+            bound += generation_bound_seconds(roof, computed, w["completion_tokens"], w["sequences"], context,
+                                              prefill_context=mean_prompt)
+        else:  # read, prompt_logprobs, scores: prefill only
+            if cached is None:
+                counted = False
+            computed = w["prompt_tokens"] - (cached or 0)
+            bound += computed / prefill_bound(roof, w["prompt_tokens"] / w["requests"], lm_head=kind == "prompt_logprobs")
+    return bound, counted
+
+
+def eval_stage(roof: dict, folder: Path) -> dict:
+    phases = (_json(folder / "summary.json") or {}).get("phases")
+    if not phases:
+        return {"roofline_note": "no eval/summary.json with the work of each phase (written before cai counted it): time only"}
+    parts = {p["phase"]: (p["seconds"], *eval_phase_bound(roof, p["work"])) for p in phases}
+    return {"bound_seconds": sum(b for _, b, _ in parts.values()),
+            "prefill_counted": all(c for _, _, c in parts.values()),
+            "phases": {name: {"seconds": sec, "bound_seconds": round(b, 2), "roofline_fraction": round(b / sec, 4) if sec else None}
+                       for name, (sec, b, _) in parts.items()}}
+
+
 def _trl_tokens(folder: Path) -> tuple[float | None, float]:
     """(tokens TRL counted over the whole training, epochs trained) from metrics.json."""
     history = (_json(folder / "metrics.json") or {}).get("log_history") or []
@@ -217,6 +256,8 @@ def stage_report(roof: dict, run_dir: Path, folder: Path, model: str) -> dict:
         report.update(label_stage(roof, folder, summary))
     elif stage in ("sft", "rm", "dpo"):
         report.update(training_stage(roof, run_dir, folder, summary, basis, model))
+    elif stage == "eval":
+        report.update(eval_stage(roof, folder))
     else:
         report["roofline_note"] = "no token counts in this stage's summary: time only"
     if "bound_seconds" in report:

@@ -19,7 +19,8 @@ On held-out red-team and benign prompts, both models answer greedily; then:
   human-labelled completions.
 All rates carry 95% Wilson intervals. Everything lands in `metrics.json`, the raw responses in
 `responses.jsonl` (with the labeller's and the judge's verdict on each, which the report shows
-beside the answers), the KL samples in `kl_samples.json`.
+beside the answers), the KL samples in `kl_samples.json`, each phase's seconds and engine work (`cai.eval_work`) in
+`summary.json`.
 
 A killed evaluation resumes: the greedy answers (its slowest step) are kept per model under a key
 of model, adapter weights, prompts and settings, so are the KL samples, and the labeller's work
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,6 +47,7 @@ from cai.eval_probes import (RefusalSettings, SycophancySettings, XSTestSettings
                              run_sycophancy, score_xstest, sycophancy_requests, texts, validate_detectors)
 from cai.eval_probes import greedy as probe_greedy
 from cai.eval_stats import mean_interval, rate
+from cai.eval_work import CountingEngine, EvalWork
 from cai.labeling import LabelRun, LabelSettings, Pair, human_eval_pairs
 from cai.prompt_sets import Prompt
 from cai.refusal import from_calibration, is_refusal
@@ -160,12 +161,11 @@ def evaluate_policy(
     answers and after judging, before the next model is loaded. Answers kept in an `earlier` eval
     folder under the same key (the unchanged baseline of an earlier iteration) are not generated again."""
     out_dir = Path(out_dir)
-    clock = time.perf_counter()
+    work = EvalWork()
+    engine = CountingEngine(engine, work)
 
     def done(phase: str) -> None:
-        nonlocal clock
-        log(f"eval: {phase} ({time.perf_counter() - clock:.1f} s)")
-        clock = time.perf_counter()
+        log(f"eval: {phase} ({work.close_phase(phase):.1f} s)")
     templates = PromptSet()
     prompts = list(red_team) + list(benign)
     greedy = SamplingSettings(temperature=0.0, max_tokens=max_tokens)
@@ -242,7 +242,7 @@ def evaluate_policy(
             trust_remote_code=trust_remote_code, adapter_digests=digests)
         done(f"KL to the {baseline_name} model on {metrics['kl_to_reference']['n']} sampled responses")
 
-    judge_engine = _ready(judge_engine, "score_choices")
+    judge_engine = CountingEngine(_ready(judge_engine, "score_choices"), work)
     metrics["judge_model"] = judge_engine.model
     judge = RememberingJudge(Judge(judge_engine, templates))
     # The labeller's pairwise preference under one explicit comparison principle, both orders.
@@ -301,8 +301,11 @@ def evaluate_policy(
         if free_device:
             free_device()
         scorer = _ready(scorer, "score")
+        counted = getattr(scorer, "scored_tokens", None)
         policy_scores = scorer.score([list(p.messages) for p in prompts], policy_texts)
         baseline_scores = scorer.score([list(p.messages) for p in prompts], baseline_texts)
+        if counted is not None:
+            work.add("scores", requests=2 * len(prompts), sequences=2 * len(prompts), prompt=scorer.scored_tokens - counted, cached=0)
         rm_wins = [1.0 if a > b else (0.5 if a == b else 0.0) for a, b in zip(policy_scores, baseline_scores)]
         metrics["win_rate_reward_model"] = _split(rm_wins, kinds)
         metrics["reward"] = {"policy": policy_scores, "baseline": baseline_scores}
@@ -313,6 +316,7 @@ def evaluate_policy(
              "baseline": baseline_texts[index], "labeller_p_policy": labelled[pairs[index].id]["label"]["p_a"],
              "judge_p_yes": {name: judged[name][index] for name in judged}}
             for index, (prompt, kind) in enumerate(zip(prompts, kinds))]
+    store.write_json_atomic(out_dir / "summary.json", {"phases": work.phases})  # cai.eval_work: for bench/quickstart.py
     store.write_jsonl_atomic(out_dir / "responses.jsonl", rows)
     store.write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics

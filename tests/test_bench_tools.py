@@ -53,13 +53,16 @@ def test_gemm_rate_interpolates_in_log_batch():
     assert roofline.peak_rate(roof) == 120e9  # the square product counts for the peak, not per batch
 
 
-def test_prefill_bound_uses_the_peak_rate_at_half_the_prompt():
-    assert roofline.prefill_bound(machine_roof(), context=200) == pytest.approx(120e9 / (180e6 + 1000 * 100))
+def test_prefill_bound_uses_the_peak_rate_at_half_the_prompt_without_the_lm_head():
+    """Logits only at a sequence's last position: the LM head's 2 x 10 M FLOPs are not a prompt
+    token's cost, unless prompt log-probabilities are read."""
+    assert roofline.prefill_bound(machine_roof(), context=200) == pytest.approx(120e9 / (160e6 + 1000 * 100))
+    assert roofline.prefill_bound(machine_roof(), context=200, lm_head=True) == pytest.approx(120e9 / (180e6 + 1000 * 100))
 
 
 def test_generation_fraction_is_bound_time_over_measured_time():
     roof = machine_roof()
-    prefill_seconds = 1000 * (180e6 + 1000 * 50) / 120e9  # 1000 prompt tokens of 100, at the peak rate
+    prefill_seconds = 1000 * (160e6 + 1000 * 50) / 120e9  # 1000 prompt tokens of 100 at the peak rate, no LM head
     decode_seconds = 500 * (100e6 + 150_000) * 4 / BANDWIDTH  # 500 single-sequence steps at context 150
     fraction = roofline.generation_fraction(roof, 1000, 500, seconds=10.0, batch=1, context=150, prefill_context=100)
     assert fraction == pytest.approx((prefill_seconds + decode_seconds) / 10.0)
@@ -180,3 +183,53 @@ def test_output_dir_is_cleared_only_when_it_is_a_run_under_the_temp_dir(tmp_path
 def test_with_roofline_attaches_fractions():
     results = with_roofline({"seconds": 3.0, "roofline_fraction": {"loop": 0.5}}, raw=0.123456, label=None)
     assert results == {"seconds": 3.0, "roofline_fraction": {"loop": 0.5, "raw": 0.1235, "label": None}}
+
+
+def _write_run(root: Path, revision: str, sample: str, chosen_prob: float, swap: bool) -> Path:
+    (root / "critique").mkdir(parents=True)
+    (root / "sample").mkdir()
+    (root / "label").mkdir()
+    trace = {"id": "r1", "initial": "first", "rounds": [{"round": 1, "critique": "c", "revision": revision}]}
+    (root / "critique" / "trace.jsonl").write_text(json.dumps(trace) + "\n")
+    # sampled rows' ids differ between run folders (they hash the adapter path): matched by prompt id
+    (root / "sample" / "responses.jsonl").write_text(json.dumps({"id": str(root), "prompt_id": "p1", "responses": [sample, "b"]}) + "\n")
+    good, bad = [{"role": "assistant", "content": "good"}], [{"role": "assistant", "content": "bad"}]
+    pair = {"id": str(root), "prompt": "q", "chosen": bad if swap else good, "rejected": good if swap else bad,
+            "chosen_prob": 1 - chosen_prob if swap else chosen_prob}
+    (root / "label" / "preferences.jsonl").write_text(json.dumps(pair) + "\n")
+    return root
+
+
+def test_compare_runs_counts_identical_rows_and_the_largest_label_gap(tmp_path):
+    import compare_runs
+
+    a = _write_run(tmp_path / "a", "the same revision", "sampled text", 0.70, swap=False)
+    b = _write_run(tmp_path / "b", "the same revisions", "sampled text", 0.65, swap=True)
+    result = compare_runs.compare(a, b)
+    assert result["critique"]["initial"]["identical"] == 1
+    assert result["critique"]["revision-1"] == {"rows": 1, "identical": 0, "identical_share": 0.0, "first_split_chars": [17]}
+    assert result["sample"]["identical"] == 2
+    assert result["label"]["same_pairs"] == 1  # the same two answers, stored in the other order
+    assert result["label"]["max_abs_chosen_prob_difference"] == pytest.approx(0.05)
+
+
+def test_eval_stage_bound_adds_each_phases_work_by_kind(tmp_path):
+    """Judge reads: prefill of the tokens the cache did not serve, no LM head; the KL reference's
+    prompt log-probabilities: prefill with the LM head on every token; KL samples: decode only
+    (their cache hits are unknown), flagged; fractions per phase and for the stage."""
+    roof = machine_roof()
+    work = {"read": {"requests": 10, "sequences": 10, "prompt_tokens": 2000, "cached_prompt_tokens": 500, "completion_tokens": 0},
+            "prompt_logprobs": {"requests": 4, "sequences": 4, "prompt_tokens": 800, "cached_prompt_tokens": 0, "completion_tokens": 0},
+            "sample": {"requests": 4, "sequences": 4, "prompt_tokens": 400, "cached_prompt_tokens": None, "completion_tokens": 200}}
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"phases": [{"phase": "judge", "seconds": 10.0, "work": work},
+                                                                {"phase": "probes", "seconds": 1.0, "work": {}}]}))
+    reads = 1500 * (160e6 + 1000 * 100) / 120e9  # mean prompt 200 tokens: a token sees 100 on average
+    logprobs = 800 * (180e6 + 1000 * 100) / 120e9
+    samples = 200 / roofline.decode_bound(roof, 4, 100 + 200 / 4 / 2)
+    result = quickstart.eval_stage(roof, folder)
+    assert result["bound_seconds"] == pytest.approx(reads + logprobs + samples)
+    assert result["prefill_counted"] is False
+    assert result["phases"]["judge"]["roofline_fraction"] == pytest.approx((reads + logprobs + samples) / 10.0, abs=1e-4)
+    assert result["phases"]["probes"]["bound_seconds"] == 0

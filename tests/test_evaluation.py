@@ -340,3 +340,30 @@ def test_gpu_recipes_name_a_separate_judge(name):
     if engine.kind == "openai":
         assert engine.openai.served_model in (None, recipe.eval.judge_model)
         assert engine.openai.tokenizer in (None, recipe.eval.judge_model)
+
+
+class CountingJudge(FakeJudge):
+    """Reports prompt tokens (one per character) and 2 cached tokens per read, as vLLM does."""
+
+    def score_choices(self, prompts, choices, adapter=None):
+        scores = super().score_choices(prompts, choices, adapter)
+        return ChoiceScores(scores.probs, scores.mass, [len(p.messages[-1]["content"]) for p in prompts], [2] * len(prompts))
+
+
+def test_eval_files_each_phases_engine_work_beside_its_seconds(tmp_path):
+    """eval/summary.json: every judge read and every answer counted once, under the phase it
+    belongs to (bench/quickstart.py turns this into the eval's roofline fraction)."""
+    judge = CountingJudge("counting", lambda c: [0.9, 0.1], lambda c: [0.9, 0.1])
+    evaluate_with(judge, tmp_path)
+    phases = json.loads((tmp_path / "eval" / "summary.json").read_text())["phases"]
+    assert all(p["seconds"] >= 0 for p in phases)
+    total = lambda kind, key: sum(p["work"].get(kind, {}).get(key, 0) for p in phases)  # noqa: E731
+    assert total("read", "requests") == len(judge.seen)
+    assert total("read", "prompt_tokens") == sum(len(c) for c in judge.seen)
+    assert total("read", "cached_prompt_tokens") == 2 * len(judge.seen)
+    answers = [p for p in phases if "greedy answers" in p["phase"]]
+    assert [p["work"]["generate"]["requests"] for p in answers] == [6, 6]  # 3 red-team + 3 benign, each model
+    assert [p["work"]["generate"]["completion_tokens"] for p in answers] == [18, 18]
+    assert [p["work"]["generate"]["prompt_tokens"] for p in answers] == [30, 30]
+    labelled = next(p for p in phases if "pairs labelled in both orders" in p["phase"])
+    assert labelled["work"]["read"]["requests"] == 2 * 6

@@ -182,3 +182,37 @@ def test_vllm_prefix_cache_serves_a_short_shared_prefix(swap_engine):
                                        for p in (first, second)]))
     assert 64 <= shared < 128
     assert scores.cached_tokens[0] >= shared - 32
+
+
+def _rss_gib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the in-process engine is the CPU path")
+def test_cpu_vllm_engine_runs_in_this_process_and_leaves_threads_and_memory_to_the_run(smollm2_dir):
+    """On a CPU the engine runs here (no spawned EngineCore/Worker: ~17 s less start-up), and
+    what the in-process worker changes does not outlive it for the stages that follow in the same
+    `cai run`: `torch.set_num_threads` still works (vLLM replaces it with a no-op) and closing the
+    engine gives its KV cache back."""
+    import psutil
+
+    from cai.engines.vllm_engine import VLLMEngine
+
+    threads = torch.get_num_threads()
+    variable_set = "VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ
+    before = _rss_gib()
+    engine = VLLMEngine("smollm2-135m-instruct", max_model_len=1024, kv_cache_gib=1)
+    try:
+        assert psutil.Process().children(recursive=True) == []
+        assert ("VLLM_ENABLE_V1_MULTIPROCESSING" in os.environ) == variable_set  # nothing started later inherits it
+        answer = engine.generate([ChatPrompt.of([{"role": "user", "content": "Name a colour."}])],
+                                 SamplingSettings(temperature=0.0, max_tokens=8))
+        assert answer[0].completion_tokens[0] > 0
+        torch.set_num_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    loaded = _rss_gib()
+    assert loaded - before > 1.0  # the 1 GiB KV cache (zero-filled at start) and the weights
+    engine.close()
+    assert loaded - _rss_gib() > 0.9

@@ -13,9 +13,9 @@ SIGTERM to drain its requests, and there is nobody left to send the results to.
 vLLM creates EngineCore with `multiprocessing.get_context(method).Process(...)` (spawn on CPU,
 fork or spawn on CUDA). While this context manager is active, those contexts hand out Process
 classes whose `run()` sets the signal first thing in the child, so vLLM's own code is not
-patched. (The alternative, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, runs EngineCore inside this
-process, where the CPU worker binds this process's threads and replaces `torch.set_num_threads`
-with a no-op, which would break training later in the same `cai run`.)
+patched. On a CPU, cai runs the engine inside this process instead (`cai.engines.vllm_engine`:
+two spawned interpreters cost ~17 s of start-up there), so this matters on CUDA and wherever
+`VLLM_ENABLE_V1_MULTIPROCESSING=1` is set.
 
 Linux only (elsewhere a no-op). The signal fires when the creating *thread* exits, so it is set
 only for processes started from the main thread. forkserver children are left alone: their

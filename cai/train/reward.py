@@ -229,6 +229,7 @@ class RewardScorer:
         self.batch_size = batch_size
         self.max_length = max_length
         self.tokenizer.truncation_side = "left"  # like training: cut the oldest prompt tokens, keep the answer
+        self.scored_tokens = 0  # real (unpadded) tokens read so far: the eval's work accounting (cai.eval_work)
         self.model.eval()
 
     @classmethod
@@ -271,6 +272,7 @@ class RewardScorer:
             encoded = self.tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
                                      max_length=self.max_length, add_special_tokens=False).to(device)
             logits = self.model(**encoded).logits.squeeze(-1).float().tolist()
+            self.scored_tokens += int(encoded["attention_mask"].sum())
             for index, value in zip(batch, logits if isinstance(logits, list) else [logits]):
                 scores[index] = float(value)
         return scores
