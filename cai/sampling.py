@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from cai import __version__, store
+from cai import __version__, digests, store
 from cai.durable import WorkItem, generate_durably, request_seed
 from cai.engines.base import ChatPrompt, Engine, SamplingSettings
 from cai.errors import CaiError
@@ -64,11 +64,14 @@ def run_sampling(
 
 def _run_sampling(engine, prompts, out_dir: Path, settings: SampleSettings, adapter, adapter_path, overwrite, show_progress) -> dict:
     sampling = SamplingSettings(**{**asdict(settings.sampling), "n": settings.k, "stop": tuple(settings.sampling.stop)})
+    # The adapter by content, not by path: a retrained adapter in the same folder is another
+    # policy (its rows must not be resumed from the old one's), and the same adapter in another
+    # run folder draws the same samples (the row ids, and so the request seeds, hash this).
     fingerprint = {
         "stage": "sample",
         "model": engine.model,
         "engine": engine.name,
-        "adapter": adapter_path,
+        "adapter_digest": digests.path_digest(Path(adapter_path)) if adapter_path else None,
         "k": settings.k,
         "seed": settings.seed,
         "sampling": asdict(sampling),
@@ -93,7 +96,7 @@ def _run_sampling(engine, prompts, out_dir: Path, settings: SampleSettings, adap
     )
     for row in rows:
         done[row["id"]] = row
-    provenance = {"stage": "sample", "cai_version": __version__, **fingerprint}
+    provenance = {"stage": "sample", "cai_version": __version__, **fingerprint, "adapter": adapter_path}
     output = [
         {
             "id": row_ids[p.id],
