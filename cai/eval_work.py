@@ -63,25 +63,23 @@ class CountingEngine:
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
 
+    def _counted(self, name: str, count):
+        """The engine's method `name`, calling `count(args, result)` after each call."""
+        inner = getattr(self._engine, name)
+
+        def call(*args, **kwargs):
+            result = inner(*args, **kwargs)
+            count(args, result)
+            return result
+        return call
+
     @property
-    def generate(self):
-        inner = self._engine.generate
-
-        def generate(prompts, sampling, *args, **kwargs):
-            generations = inner(prompts, sampling, *args, **kwargs)
-            self._count_generations(generations)
-            return generations
-        return generate
+    def generate(self):  # (prompts, sampling, ...) -> one Generation per prompt
+        return self._counted("generate", lambda args, out: self._count_generations(out))
 
     @property
-    def generate_groups(self):
-        inner = self._engine.generate_groups
-
-        def generate_groups(groups, *args, **kwargs):
-            generated = inner(groups, *args, **kwargs)
-            self._count_generations([g for rows in generated for g in rows])
-            return generated
-        return generate_groups
+    def generate_groups(self):  # ([(prompts, sampling), ...], ...) -> Generations per group
+        return self._counted("generate_groups", lambda args, out: self._count_generations([g for rows in out for g in rows]))
 
     def _count_generations(self, generations) -> None:
         cached = [getattr(g, "cached_tokens", None) for g in generations]
@@ -91,36 +89,22 @@ class CountingEngine:
                        completion=sum(sum(g.completion_tokens) for g in generations))
 
     @property
-    def score_choices(self):
-        inner = self._engine.score_choices
-
-        def score_choices(prompts, choices, *args, **kwargs):
-            scores = inner(prompts, choices, *args, **kwargs)
-            counted = scores.prompt_tokens is not None and len(scores.prompt_tokens) == len(prompts)
-            self._work.add("read", requests=len(prompts), sequences=len(prompts),
-                           prompt=sum(scores.prompt_tokens) if counted else 0,
-                           cached=sum(scores.cached_tokens) if counted and scores.cached_tokens is not None else None)
-            return scores
-        return score_choices
+    def score_choices(self):  # (prompts, choices, ...) -> ChoiceScores, with per-prompt counts where reported
+        def count(args, scores):
+            n = len(args[0])
+            self._work.add("read", requests=n, sequences=n,
+                           prompt=sum(scores.prompt_tokens) if len(scores.prompt_tokens or ()) == n else 0,
+                           cached=sum(scores.cached_tokens) if len(scores.cached_tokens or ()) == n else None)
+        return self._counted("score_choices", count)
 
     @property
-    def sample_token_logprobs(self):
-        inner = self._engine.sample_token_logprobs
-
-        def sample_token_logprobs(prompt_ids, *args, **kwargs):
-            rows = inner(prompt_ids, *args, **kwargs)
-            self._work.add("sample", requests=len(rows), sequences=len(rows), prompt=sum(len(p) for p in prompt_ids),
-                           cached=None, completion=sum(len(ids) for ids, _, _ in rows))
-            return rows
-        return sample_token_logprobs
+    def sample_token_logprobs(self):  # (prompt ids, ...) -> (ids, log-prob, stopped) per prompt
+        return self._counted("sample_token_logprobs", lambda args, rows: self._work.add(
+            "sample", requests=len(rows), sequences=len(rows), prompt=sum(len(p) for p in args[0]), cached=None,
+            completion=sum(len(ids) for ids, _, _ in rows)))
 
     @property
-    def sequence_logprobs(self):
-        inner = self._engine.sequence_logprobs
-
-        def sequence_logprobs(prompt_ids, response_ids, *args, **kwargs):
-            totals = inner(prompt_ids, response_ids, *args, **kwargs)
-            self._work.add("prompt_logprobs", requests=len(totals), sequences=len(totals),
-                           prompt=sum(len(p) + len(r) for p, r in zip(prompt_ids, response_ids)), cached=0)
-            return totals
-        return sequence_logprobs
+    def sequence_logprobs(self):  # (prompt ids, response ids, ...) -> one total per sequence
+        return self._counted("sequence_logprobs", lambda args, totals: self._work.add(
+            "prompt_logprobs", requests=len(totals), sequences=len(totals),
+            prompt=sum(len(p) + len(r) for p, r in zip(args[0], args[1])), cached=0))

@@ -367,3 +367,20 @@ def test_eval_files_each_phases_engine_work_beside_its_seconds(tmp_path):
     assert [p["work"]["generate"]["prompt_tokens"] for p in answers] == [30, 30]
     labelled = next(p for p in phases if "pairs labelled in both orders" in p["phase"])
     assert labelled["work"]["read"]["requests"] == 2 * 6
+
+
+def test_reads_whose_cache_hits_are_not_reported_count_as_unknown_not_zero():
+    """An engine that reports prompt tokens but not what its cache served: `cached` is None (a
+    bound then leaves that prefill out and says so), never 0 (which would claim it all computed)."""
+    from cai.eval_work import CountingEngine, EvalWork
+
+    class PromptsOnly:
+        def score_choices(self, prompts, choices, adapter=None):
+            return ChoiceScores([[0.5, 0.5]] * len(prompts), [0.9] * len(prompts), [7] * len(prompts))
+
+    work = EvalWork()
+    prompts = [Prompt("p", ({"role": "user", "content": "hi"},))] * 3
+    CountingEngine(PromptsOnly(), work).score_choices(prompts, ["A", "B"])
+    assert work.open["read"] == {"requests": 3, "sequences": 3, "prompt_tokens": 21, "cached_prompt_tokens": None,
+                                 "completion_tokens": 0}
+    assert not hasattr(CountingEngine(PromptsOnly(), work), "generate_groups")  # what the engine lacks stays missing
