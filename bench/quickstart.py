@@ -29,8 +29,9 @@ seconds, engine starts included, when those are unknown: `fraction_of` says whic
 - eval: phase by phase from eval/summary.json (`cai.eval_work`): greedy answers and the KL
   samples as generation (the samples' prefill left out: the engine does not say what its cache
   served), the KL reference's prompt log-probabilities as prefill with the LM head on every token,
-  the judge's one-token reads and the reward model's scores as prefill. A run written before cai
-  counted the eval's work: time only.
+  the judge's one-token reads and the reward model's scores as prefill. Work cai does not count
+  there (the transformers KL estimate, the harness) adds seconds and no bound: the fraction is then
+  a lower bound. A run written before cai counted the eval's work: time only.
 - blend: time only.
 Totals: wall (a timed run only), sum of stages, engine starts. With --label the result is stored
 under that label, beside the labels already in the file, and a Markdown table of all labels is

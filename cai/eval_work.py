@@ -5,7 +5,8 @@ log-probabilities, the judge's one-token reads, the reward model's scores), so i
 says nothing about how close to the machine's limit it ran. `CountingEngine` wraps an engine and
 adds each call's token counts to a shared `EvalWork`; `EvalWork.close_phase` files them under the
 phase that just ended, and the eval folder's `summary.json` keeps the list (`phases`).
-bench/quickstart.py turns it into the eval stage's roofline fraction. Counting reads only what the engines already return.
+bench/quickstart.py turns it into the eval stage's roofline fraction. Counting reads only what the
+engines already return.
 
 Kinds (what the bound must count for each):
 - `generate`: prompt tokens (of them `cached`, served by the prefix cache), completion tokens,
@@ -14,7 +15,10 @@ Kinds (what the bound must count for each):
   (`cached` None), so a bound leaves their prefill out;
 - `prompt_logprobs`: whole sequences prefilled with log-probabilities at every position (the LM
   head on every token);
-- `read`: one-token reads (the judge's choices): prefill only, logits at the last position.
+- `read`: one-token reads (the judge's choices): prefill only, logits at the last position;
+- `scores`: the reward model's reads (`RewardScorer.scored_tokens`, unpadded), added by the eval.
+Work done outside these (the transformers KL estimate, the harness) is not counted: a bound over
+such a phase is zero.
 """
 
 from __future__ import annotations

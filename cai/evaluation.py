@@ -19,8 +19,8 @@ On held-out red-team and benign prompts, both models answer greedily; then:
   human-labelled completions.
 All rates carry 95% Wilson intervals. Everything lands in `metrics.json`, the raw responses in
 `responses.jsonl` (with the labeller's and the judge's verdict on each, which the report shows
-beside the answers), the KL samples in `kl_samples.json`, each phase's seconds and engine work (`cai.eval_work`) in
-`summary.json`.
+beside the answers), the KL samples in `kl_samples.json`, each phase's seconds and engine work
+(`cai.eval_work`) in `summary.json`.
 
 A killed evaluation resumes: the greedy answers (its slowest step) are kept per model under a key
 of model, adapter weights, prompts and settings, so are the KL samples, and the labeller's work

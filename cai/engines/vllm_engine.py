@@ -352,9 +352,10 @@ def _in_this_process(wanted: bool):
     set_here = wanted and variable not in os.environ
     worker_log = logging.getLogger("vllm.v1.worker.cpu_worker")
     quiet = _DropMessage("torch.set_num_threads")
+    if wanted:
+        worker_log.addFilter(quiet)
     if set_here:
         os.environ[variable] = "0"
-        worker_log.addFilter(quiet)
     try:
         yield
     finally:
