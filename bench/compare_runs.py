@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from results_io import write_results
@@ -29,16 +30,12 @@ def _rows(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in rows}
 
 
-def _split_at(a: str, b: str) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def texts(pairs: list[tuple[str, str]]) -> dict:
     """Share of identical texts, and where the first few differing ones split (character index)."""
     differing = [(a, b) for a, b in pairs if a != b]
     return {"rows": len(pairs), "identical": len(pairs) - len(differing),
             "identical_share": round(1 - len(differing) / len(pairs), 4) if pairs else None,
-            "first_split_chars": [_split_at(a, b) for a, b in differing[:5]]}
+            "first_split_chars": [len(os.path.commonprefix([a, b])) for a, b in differing[:5]]}
 
 
 def critique(a: Path, b: Path) -> dict:

@@ -172,17 +172,14 @@ def eval_phase_bound(roof: dict, work: dict) -> tuple[float, bool]:
         if not w["requests"]:
             continue
         cached = w["cached_prompt_tokens"]
+        counted = counted and cached is not None
         if kind in ("generate", "sample"):
-            if cached is None:
-                counted = False
             computed = 0 if cached is None else w["prompt_tokens"] - cached
             mean_prompt = w["prompt_tokens"] / w["requests"]
             context = mean_prompt + w["completion_tokens"] / max(w["sequences"], 1) / 2
             bound += generation_bound_seconds(roof, computed, w["completion_tokens"], w["sequences"], context,
                                               prefill_context=mean_prompt)
         else:  # read, prompt_logprobs, scores: prefill only
-            if cached is None:
-                counted = False
             computed = w["prompt_tokens"] - (cached or 0)
             bound += computed / prefill_bound(roof, w["prompt_tokens"] / w["requests"], lm_head=kind == "prompt_logprobs")
     return bound, counted
